@@ -1,0 +1,113 @@
+"""One pydantic-settings ``Settings`` for the API, the worker and the CLI.
+
+Every setting has an embedded default, so ``cxrsynth serve`` runs on one machine with no environment
+variable: SQLite and a local object folder under ``data_dir``, a filesystem Celery broker, and a worker
+process started by ``serve``. Production sets ``CXRSYNTH_DATABASE_URL`` (Postgres),
+``CXRSYNTH_BROKER_URL`` (Redis) and ``CXRSYNTH_STORAGE_BACKEND=s3`` with the ``CXRSYNTH_S3_*`` settings.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
+
+
+class Settings(BaseSettings):
+    """Service configuration; env prefix ``CXRSYNTH_`` (e.g. ``CXRSYNTH_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CXRSYNTH_", env_file=".env", extra="ignore")
+
+    # --- embedded defaults -------------------------------------------------------------------
+    data_dir: Path = Field(default=Path.home() / ".cxrsynth", description="Root of embedded state.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite in data_dir.")
+    broker_url: str = Field(default="", description="Celery broker; empty = filesystem queue in data_dir.")
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = Field(default=None, description="Local object folder; default data_dir/objects.")
+
+    # --- S3 (minio client) ---------------------------------------------------------------------
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "cxrsynth"
+    s3_secret_key: SecretStr = SecretStr("cxrsynth-secret")
+    s3_bucket: str = "cxrsynth"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+    s3_public_endpoint: str = Field(default="", description="Host clients use for presigned URLs.")
+
+    # --- API -----------------------------------------------------------------------------------
+    public_base_url: str = "http://127.0.0.1:8000"
+    signing_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key for signed URLs.")
+    signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    admin_token: SecretStr = Field(default=SecretStr(""), description="Enables admin endpoints when set.")
+
+    # --- limits --------------------------------------------------------------------------------
+    max_images_per_job: int = Field(default=10_000, ge=1)
+    max_jobs_in_flight_per_tenant: int = Field(default=8, ge=1)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_upload_files: int = Field(default=200_000, ge=1)
+    max_uncompressed_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    page_size_max: int = 200
+
+    # --- worker --------------------------------------------------------------------------------
+    shard_size: int = Field(default=64, ge=1, description="Images per generation shard task.")
+    task_time_limit_s: int = 24 * 3600
+    visibility_timeout_s: int = Field(default=26 * 3600, description="Above the longest job.")
+    max_task_attempts: int = Field(default=3, ge=1, description="Deliveries before a job fails.")
+    device: str = "auto"
+    default_generator_dir: Path = WEIGHTS_DIR / "generator-kermany-64"
+    webhook_max_attempts: int = 6
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'cxrsynth.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "objects"
+        if not self.signing_secret.get_secret_value():
+            self.signing_secret = SecretStr(_persistent_secret(self.data_dir))
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the local filesystem queue (``cxrsynth serve`` on one machine)."""
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the filesystem broker's messages (embedded mode)."""
+        return self.data_dir / "broker"
+
+
+def _persistent_secret(data_dir: Path) -> str:
+    """A random signing key kept in ``data_dir/secret.key`` so signed URLs survive restarts."""
+    path = data_dir / "secret.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(32)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(key)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings`` instead)."""
+    return Settings()
