@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 
-class Canceled(Exception):  # noqa: N818 - the name reads as the state, as in "the job was Canceled"
+class Canceled(Exception):
     """Raised by an ``on_step`` callback to stop a long-running function between two steps."""
 
 

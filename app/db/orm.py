@@ -43,7 +43,7 @@ def new_id() -> str:
 class Base(DeclarativeBase):
     """Declarative base; ``type_annotation_map`` makes datetimes timezone-aware everywhere."""
 
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONType}
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSONType}  # noqa: RUF012
 
 
 class JobKind(enum.StrEnum):

@@ -6,7 +6,7 @@ import io
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import quote
 
 from minio import Minio
@@ -50,7 +50,7 @@ class S3Store:
         self.client.fput_object(self.bucket, key, str(path), content_type=content_type, part_size=PART_SIZE)
 
     def put_stream(self, key: str, stream: IO[bytes], content_type: str = "application/octet-stream") -> int:
-        self.client.put_object(self.bucket, key, stream, length=-1, part_size=PART_SIZE,
+        self.client.put_object(self.bucket, key, cast(BinaryIO, stream), length=-1, part_size=PART_SIZE,
                                content_type=content_type)
         return self.size(key)
 

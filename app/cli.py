@@ -1,0 +1,502 @@
+"""``cxrsynth`` command line (typer + rich).
+
+Two ways to run jobs:
+
+* **embedded** (the default, no server): ``cxrsynth generate --n 16 --out DIR`` records the job in the
+  local SQLite database and runs the very same worker task code in this process, then writes PNGs and
+  ``manifest.csv`` to ``DIR``;
+* **remote**: with ``--api URL`` and ``--key KEY`` (or ``CXRSYNTH_API_URL`` / ``CXRSYNTH_API_KEY``), the
+  command goes through the REST API with the typed client (``app.client``).
+
+``cxrsynth serve`` runs the API and a worker on one machine (SQLite, local folder, filesystem broker);
+``cxrsynth worker`` runs Celery workers for a production deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.core.config import Settings, get_settings
+
+app = typer.Typer(help="cxrsynth: privacy-safe synthetic chest X-rays and encoders pretrained on them.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+tenants_app = typer.Typer(help="Tenants (hospitals) and their API keys.", no_args_is_help=True)
+jobs_app = typer.Typer(help="List, watch and cancel jobs (through the API).", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and download datasets (through the API).", no_args_is_help=True)
+encoders_app = typer.Typer(help="Pretrained encoders (through the API).", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(encoders_app, name="encoders")
+
+console = Console(stderr=True)
+LOCAL_TENANT = "local"
+
+ApiUrl = Annotated[str | None, typer.Option("--api", envvar="CXRSYNTH_API_URL", help="API base URL (remote mode).")]
+ApiKeyOpt = Annotated[str | None, typer.Option("--key", envvar="CXRSYNTH_API_KEY", help="API key (remote mode).")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error and exit non-zero (no traceback for user errors)."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _client(api: str | None, key: str | None) -> Any:
+    from app.client import CxrsynthClient
+
+    if not api or not key:
+        fail("this command talks to a running service: give --api URL and --key KEY "
+             "(or CXRSYNTH_API_URL / CXRSYNTH_API_KEY)")
+    return CxrsynthClient(str(api), str(key))
+
+
+def _parse_counts(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    counts: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            fail(f"--counts takes label=n pairs separated by commas, e.g. normal=8,pneumonia=8 (got {part!r})")
+        try:
+            counts[name.strip()] = int(value)
+        except ValueError:
+            fail(f"--counts: {value!r} is not a whole number")
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# serve / worker
+# --------------------------------------------------------------------------------------------------
+def _worker_command(queues: str, concurrency: int, pool: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+            "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle", "--without-heartbeat"]
+
+
+def recover_unfinished_jobs(settings: Settings) -> int:
+    """Re-send every queued or running job (embedded mode, before its only worker starts).
+
+    The filesystem broker drops a message once read, so a job whose worker died with the process
+    would be stranded; tasks are idempotent, so sending them again is safe.
+    """
+    from sqlalchemy import select
+
+    from app.core.queue import TASK_START_JOB, send_task
+    from app.db.orm import ACTIVE_STATUSES, Job
+    from app.db.session import session_scope
+
+    queue_dir = settings.broker_dir / "queue"
+    if queue_dir.is_dir():
+        for f in queue_dir.iterdir():
+            f.unlink(missing_ok=True)
+    with session_scope(settings.database_url) as s:
+        ids = list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at)))
+    for job_id in ids:
+        send_task(settings, TASK_START_JOB, job_id)
+    return len(ids)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
+    worker: Annotated[bool, typer.Option("--worker/--api-only", help="Also run a local worker.")] = True,
+) -> None:
+    """Run the API (and, embedded, a local worker): no server to start by hand."""
+    import uvicorn
+
+    from app.db.session import migrate
+
+    settings = get_settings()
+    migrate(settings.database_url)
+    proc: subprocess.Popen[bytes] | None = None
+    if worker:
+        if settings.embedded:
+            n = recover_unfinished_jobs(settings)
+            if n:
+                console.print(f"re-queued {n} unfinished job(s)")
+        # One solo worker process: the machine's cores go to torch inside it.
+        proc = subprocess.Popen(_worker_command("gpu,cpu", 1, "solo"), env=os.environ.copy())
+        console.print(f"worker started (pid {proc.pid}); data in {settings.data_dir}")
+    try:
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@app.command("worker")
+def worker_cmd(
+    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1: one worker process per GPU.")] = None,
+    queues: Annotated[str, typer.Option(help="Queues to consume.")] = "gpu,cpu",
+    concurrency: Annotated[int, typer.Option(help="Processes per worker (CPU only).")] = 1,
+) -> None:
+    """Run Celery worker(s). With --gpus, each GPU gets its own process with CUDA_VISIBLE_DEVICES set,
+    so CUDA is initialised only in that child."""
+    from app.db.session import migrate
+
+    migrate(get_settings().database_url)
+    if not gpus:
+        os.execv(sys.executable, _worker_command(queues, concurrency, "prefork" if concurrency > 1 else "solo"))
+    procs = []
+    for gpu in [g.strip() for g in gpus.split(",") if g.strip()]:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        cmd = [*_worker_command(queues, 1, "solo"), "--hostname", f"gpu{gpu}@%h"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------------------------------
+# tenants
+# --------------------------------------------------------------------------------------------------
+@tenants_app.command("create")
+def tenants_create(name: str) -> None:
+    """Create a tenant; prints its API key and webhook secret ONCE (only hashes of keys are kept)."""
+    from app.core.problems import ProblemError
+    from app.db.session import get_sessionmaker, migrate
+    from app.services.tenants import create_tenant
+
+    settings = get_settings()
+    migrate(settings.database_url)
+    with get_sessionmaker(settings.database_url)() as s:
+        try:
+            tenant, key = create_tenant(s, name)
+        except ProblemError as exc:
+            fail(str(exc.detail))
+    console.print(f"tenant [bold]{tenant.name}[/] ({tenant.id})")
+    console.print("API key (shown once):")
+    print(key)
+    console.print(f"webhook secret (shown once): {tenant.webhook_secret}")
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------------
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Folder for PNGs + manifest.csv (embedded) or the zip (remote).")],
+    n: Annotated[int | None, typer.Option(help="Number of images.")] = None,
+    label: Annotated[str | None, typer.Option(help="One label for all images, e.g. pneumonia.")] = None,
+    counts: Annotated[str | None, typer.Option(help="Per-label counts, e.g. normal=8,pneumonia=8.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpmsolver++ | unipc.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed; image i comes from (seed, i).")] = None,
+    generator: Annotated[Path | None, typer.Option(help="A generator folder (embedded mode).")] = None,
+    generator_id: Annotated[str | None, typer.Option(help="A generator id (remote mode).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Remote: wait and download.")] = True,
+    api: ApiUrl = None,
+    key: ApiKeyOpt = None,
+) -> None:
+    """Generate synthetic chest X-rays (embedded by default; through the API with --api/--key)."""
+    if n is None and not counts:
+        n = 16
+    count_map = _parse_counts(counts)
+    if count_map is not None:
+        n = None
+    if api:
+        _generate_remote(api, key, out, dict(n=n, counts=count_map, label=label, sampler=sampler,
+                                             num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                             generator_id=generator_id), wait)
+        return
+    _generate_embedded(out, n, count_map, label, sampler, steps, guidance, seed, generator)
+
+
+def _generate_remote(api: str, key: str | None, out: Path, body: dict[str, Any], wait: bool) -> None:
+    from app.client import ApiError
+
+    with _client(api, key) as c:
+        try:
+            job = c.create_generation(**body)
+        except ApiError as exc:
+            fail(str(exc))
+        console.print(f"job {job.id} {job.status.value}")
+        if not wait:
+            print(job.id)
+            return
+        with _progress() as bar:
+            task = bar.add_task("generating", total=None)
+
+            def show(j: Any) -> None:
+                bar.update(task, completed=j.progress.step, total=j.progress.total or None,
+                           description=j.progress.message or j.status.value)
+
+            job = c.wait(job.id, on_progress=show)
+        if job.status.value != "succeeded":
+            fail(f"job {job.id} {job.status.value}: {job.error}", code=1)
+        dataset_id = (job.result or {})["dataset_id"]
+        target = out / f"{dataset_id}.zip" if out.suffix != ".zip" else out
+        c.download_dataset(dataset_id, target)
+        console.print(f"downloaded {target}")
+
+
+def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, label: str | None,
+                       sampler: str | None, steps: int | None, guidance: float | None, seed: int | None,
+                       generator_dir: Path | None) -> None:
+    """Record the job in the local database and run the worker's task code in this process."""
+    from pydantic import ValidationError
+
+    from app.core.problems import ProblemError
+    from app.core.queue import TASK_START_JOB
+    from app.db.orm import Dataset, Job
+    from app.db.session import get_sessionmaker, migrate
+    from app.schemas.jobs import GenerationRequest
+    from app.services.generations import create_generation
+    from app.services.model_assets import ensure_builtin_generators
+    from worker.dispatch import InlineDispatcher
+    from worker.runtime import WorkerContext
+    from worker.tasks.jobs import task_registry
+
+    settings = get_settings()
+    if generator_dir is not None:
+        if not (generator_dir / "cxrsynth.json").is_file():
+            fail(f"{generator_dir} is not a cxrsynth generator folder (no cxrsynth.json)")
+        settings = settings.model_copy(update={"default_generator_dir": generator_dir.resolve()})
+    migrate(settings.database_url)
+    sessions = get_sessionmaker(settings.database_url)
+    body = {k: v for k, v in dict(n=n, counts=counts, label=label, sampler=sampler, num_inference_steps=steps,
+                                  guidance_scale=guidance, seed=seed).items() if v is not None}
+    try:
+        request = GenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
+    with sessions() as s:
+        tenant = _local_tenant(s)
+        ensure_builtin_generators(s, settings)
+        try:
+            # Records the job exactly as the API does (validation, limits, params the worker reads).
+            job, _ = create_generation(s, settings, tenant.id, request, enqueue=False)
+        except ProblemError as exc:
+            fail(str(exc.detail))
+        job_id = job.id
+    ctx = WorkerContext(settings, dispatcher=InlineDispatcher({}))
+    dispatcher = InlineDispatcher(task_registry(ctx))
+    ctx.dispatcher = dispatcher
+    dispatcher.send(TASK_START_JOB, job_id)
+    done = threading.Event()
+    with _progress() as bar:
+        task = bar.add_task("generating", total=None)
+
+        def poll() -> None:
+            while not done.wait(0.5):
+                with sessions() as s2:
+                    j = s2.get(Job, job_id)
+                    if j is not None:
+                        bar.update(task, completed=j.progress_step, total=j.progress_total or None,
+                                   description=(j.progress_message or j.status)[:60])
+
+        t = threading.Thread(target=poll, daemon=True)
+        t.start()
+        try:
+            dispatcher.drain()
+        finally:
+            done.set()
+            t.join()
+        with sessions() as s3:
+            j = s3.get(Job, job_id)
+            if j is not None:
+                bar.update(task, completed=j.progress_step, total=j.progress_total or None,
+                           description=j.status)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.status != "succeeded":
+            fail(f"job {job.id} {job.status}: {json.dumps(job.error)}", code=1)
+        dataset = s.get(Dataset, (job.result or {})["dataset_id"])
+        assert dataset is not None
+    written = _export_folder(ctx, dataset, out)
+    console.print(f"[green]{written} images[/] in {out} (manifest.csv, card.json); job {job_id}, dataset {dataset.id}")
+
+
+def _local_tenant(s: Any) -> Any:
+    from sqlalchemy import select
+
+    from app.db.orm import Tenant
+    from app.services.tenants import create_tenant
+
+    tenant = s.scalar(select(Tenant).where(Tenant.name == LOCAL_TENANT))
+    if tenant is None:
+        tenant, _ = create_tenant(s, LOCAL_TENANT)
+    return tenant
+
+
+def _export_folder(ctx: Any, dataset: Any, out: Path) -> int:
+    """Copy a dataset's images, manifest and card from the store into ``out`` (label subfolders)."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for obj in ctx.store.list(dataset.prefix + "/"):
+        dest = out / obj.key[len(dataset.prefix) + 1:]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ctx.store.download_file(obj.key, dest)
+        n += 1
+    base = dataset.prefix.rsplit("/", 1)[0]
+    for name in ("manifest.csv", "card.json"):
+        if ctx.store.exists(f"{base}/{name}"):
+            ctx.store.download_file(f"{base}/{name}", out / name)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# train-generator (library call, no service)
+# --------------------------------------------------------------------------------------------------
+@app.command("train-generator")
+def train_generator_cmd(
+    data: Annotated[Path, typer.Option(help="ImageFolder (LABEL/*.png|jpg) or a folder of images.")],
+    out: Annotated[Path, typer.Option(help="Where the diffusers-format generator is written.")],
+    resolution: Annotated[int, typer.Option(help="Model resolution in pixels.")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Resumable state (default OUT.ckpt).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Train a diffusion generator on a folder of chest X-rays (runs here, no service needed)."""
+    from models.diffusion.config import TrainingConfig
+    from models.diffusion.training import train_generator
+
+    try:
+        config = TrainingConfig(resolution=resolution, max_steps=steps, batch_size=batch_size)
+    except ValueError as exc:
+        fail(str(exc))
+    ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    with _progress() as bar:
+        task = bar.add_task("training", total=steps)
+
+        def on_step(step: int, total: int, message: str) -> None:
+            bar.update(task, completed=step, total=total, description=message[:60])
+
+        try:
+            result = train_generator(data, out, config, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
+                                     device=device)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+    console.print(f"[green]trained[/] {result.steps} steps in {result.wall_seconds:.0f} s -> {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# jobs / datasets / encoders (remote)
+# --------------------------------------------------------------------------------------------------
+@jobs_app.command("list")
+def jobs_list(api: ApiUrl = None, key: ApiKeyOpt = None, kind: str | None = None, status: str | None = None,
+              limit: int = 20) -> None:
+    """The newest jobs."""
+    table = Table("id", "kind", "status", "progress", "created")
+    with _client(api, key) as c:
+        for i, j in enumerate(c.list_jobs(kind=kind, status=status)):
+            if i >= limit:
+                break
+            table.add_row(j.id, j.kind.value, j.status.value, f"{j.progress.fraction:.0%}", str(j.created_at))
+    Console().print(table)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, api: ApiUrl = None, key: ApiKeyOpt = None) -> None:
+    """Follow a job until it finishes."""
+    with _client(api, key) as c, _progress() as bar:
+        task = bar.add_task(job_id, total=None)
+        job = c.wait(job_id, on_progress=lambda j: bar.update(
+            task, completed=j.progress.step, total=j.progress.total or None,
+            description=j.progress.message or j.status.value))
+    console.print(f"job {job.id}: {job.status.value}")
+    if job.status.value != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, api: ApiUrl = None, key: ApiKeyOpt = None) -> None:
+    """Cancel a job (a queued job at once; a running one between two steps)."""
+    from app.client import ApiError
+
+    with _client(api, key) as c:
+        try:
+            job = c.cancel_job(job_id)
+        except ApiError as exc:
+            fail(str(exc))
+    console.print(f"job {job.id}: {job.status.value} (cancel requested: {job.cancel_requested})")
+
+
+@datasets_app.command("upload")
+def datasets_upload(path: Path, name: str, api: ApiUrl = None, key: ApiKeyOpt = None) -> None:
+    """Upload a zip of an ImageFolder, or a folder (zipped on the fly)."""
+    from app.client import ApiError
+
+    upload = path
+    tmp: Path | None = None
+    if path.is_dir():
+        tmp = Path(shutil.make_archive(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cxr-{os.getpid()}"),
+                                       "zip", root_dir=path))
+        upload = tmp
+    try:
+        with _client(api, key) as c:
+            ds = c.upload_dataset(upload, name)
+    except ApiError as exc:
+        fail(str(exc))
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    console.print(f"dataset {ds.id}: {ds.num_images} images {ds.label_counts}")
+
+
+@datasets_app.command("download")
+def datasets_download(dataset_id: str, out: Path, format: str = "zip", api: ApiUrl = None,
+                      key: ApiKeyOpt = None) -> None:
+    """Download a dataset export through its signed URL."""
+    from app.client import ApiError
+
+    with _client(api, key) as c:
+        try:
+            path = c.download_dataset(dataset_id, out, format)
+        except ApiError as exc:
+            fail(str(exc))
+    console.print(f"downloaded {path}")
+
+
+@encoders_app.command("download")
+def encoders_download(encoder_id: str, out: Path, api: ApiUrl = None, key: ApiKeyOpt = None) -> None:
+    """Download a pretrained encoder (zip of safetensors + config.json + model card)."""
+    from app.client import ApiError
+
+    with _client(api, key) as c:
+        try:
+            path = c.download_encoder(encoder_id, out)
+        except ApiError as exc:
+            fail(str(exc))
+    console.print(f"downloaded {path}")
+
+
+def main() -> None:
+    """Entry point of the ``cxrsynth`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Jobs: the one response shape of every kind, the creation requests, and the params the worker reads.
+
+Contract with the worker (``worker/tasks``)
+-------------------------------------------
+The API validates a creation request, resolves defaults and stores the result in ``Job.params`` as the
+JSON of a ``*Params`` model below; the worker reads ``Job.params`` (``GenerationParams.model_validate``
+works) and never sees the raw request. After the commit the API sends ``TASK_START_JOB(job_id)``.
+
+``generation`` -> :class:`GenerationParams`
+    ``counts`` is ordered like the generator's labels; image ``i`` (0-based, over the whole job) gets the
+    label of the ``counts`` entry it falls into (entries in order: the first ``counts[l0]`` images are
+    ``l0``, ...), class id ``label_ids[label]`` (null for an unconditional generator, whose only label is
+    ``unlabeled``), and is sampled from seed ``(seed, i)``. The worker writes
+    :class:`GenerationResult` into ``Job.result`` and creates the synthetic ``Dataset`` (suggested id:
+    the job id, so a re-run is idempotent), images under
+    ``tenant_key(t, "datasets", id, "images", label, f"{i:06d}.png")``, ``manifest.csv`` (file,label,sha256
+    with ``file`` relative to the dataset ``prefix``) and the zip export via
+    ``app.services.exports.build_zip_export``.
+
+``generator_training`` -> :class:`GeneratorTrainingParams`
+    Train on the dataset ``dataset_id`` (images listed in ``manifest_key``, paths relative to
+    ``dataset_prefix``); ``labels`` maps label name -> class id (sorted names). ``steps`` is
+    ``TrainingConfig.max_steps``. On success the worker creates the ``Generator`` row (suggested id: the job
+    id) with its files under ``tenant_key(t, "generators", id, ...)`` (diffusers layout + ``cxrsynth.json``
+    + ``README.md``) and writes :class:`GeneratorTrainingResult`.
+
+``pretraining`` and ``evaluation`` are validated but not accepted yet (501): their worker lands later.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.db.orm import JobKind, JobStatus
+from app.schemas.common import WebhookUrl
+
+Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc")
+SEED_MAX = 2**32 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------------
+class JobProgress(BaseModel):
+    """How far the job is: ``fraction`` = step / total (0 when total is unknown, 1 when succeeded)."""
+
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str
+    step: int
+    total: int
+
+
+class JobOut(BaseModel):
+    """A job of any kind. ``params`` are the resolved request (see module doc), ``result`` what it made."""
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    progress: JobProgress
+    params: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    webhook_url: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    compute_seconds: float = 0.0
+
+
+class JobEventOut(BaseModel):
+    """One progress or log line of a job; ``id`` increases (use it as ``Last-Event-ID``)."""
+
+    id: int
+    job_id: str
+    created_at: datetime
+    level: str
+    message: str
+    step: int | None = None
+    total: int | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+class GenerationRequest(BaseModel):
+    """Make synthetic images. Give ``counts`` ({label: n}), or ``n`` with an optional ``label``.
+
+    ``n`` alone splits the images evenly over the generator's labels (the first labels get the
+    remainder). Labels are matched case-insensitively against the generator's label names.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator_id: str | None = Field(None, max_length=64, description="Default: the built-in generator.")
+    n: int | None = Field(None, ge=1, description="Number of images (at most max_images_per_job).")
+    counts: dict[str, int] | None = Field(None, description="Images per label, e.g. {'pneumonia': 8}.")
+    label: str | None = Field(None, min_length=1, max_length=100, description="One label for all n images.")
+    sampler: Sampler = "dpmsolver++"
+    num_inference_steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(2.0, ge=0.0, le=20.0, description="Classifier-free guidance; 0 = off.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Default: random, recorded in params.")
+    name: str | None = Field(None, min_length=1, max_length=200, description="Name of the synthetic dataset.")
+    webhook_url: WebhookUrl | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_count(self) -> GenerationRequest:
+        if self.counts is not None:
+            if self.n is not None or self.label is not None:
+                raise ValueError("give either counts, or n (with an optional label), not both")
+            if not self.counts:
+                raise ValueError("counts must name at least one label")
+            if any(v < 0 for v in self.counts.values()):
+                raise ValueError("counts must be >= 0")
+            if sum(self.counts.values()) <= 0:
+                raise ValueError("counts must add up to at least 1 image")
+        elif self.n is None:
+            raise ValueError("give n (with an optional label) or counts")
+        if self.sampler == "ddpm" and self.num_inference_steps > 1000:
+            raise ValueError("ddpm allows at most 1000 steps")
+        return self
+
+
+class GeneratorTrainingRequest(BaseModel):
+    """Train a class-conditional generator on one of the tenant's datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=200)
+    resolution: Literal[32, 64, 128] = 64
+    steps: int = Field(3000, ge=1, le=200_000, description="Optimiser steps (TrainingConfig.max_steps).")
+    batch_size: int = Field(32, ge=1, le=512)
+    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    webhook_url: WebhookUrl | None = None
+
+
+class PretrainingRequest(BaseModel):
+    """Self-supervised encoder pretraining on real and/or synthetic datasets (not available yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_ids: list[str] = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=200)
+    method: Literal["dino", "simclr"] = "dino"
+    backbone: str = Field("resnet18", min_length=1, max_length=64)
+    epochs: int = Field(100, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    webhook_url: WebhookUrl | None = None
+
+
+class EvaluationRequest(BaseModel):
+    """Downstream evaluation of an encoder on a train/test dataset pair (not available yet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder_id: str = Field(min_length=1, max_length=64)
+    train_dataset_id: str = Field(min_length=1, max_length=64)
+    test_dataset_id: str = Field(min_length=1, max_length=64)
+    task: Literal["classification", "segmentation"] = "classification"
+    seeds: int = Field(3, ge=1, le=20)
+    webhook_url: WebhookUrl | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Stored params (Job.params) and results (Job.result): the worker contract
+# --------------------------------------------------------------------------------------------------
+class GenerationParams(BaseModel):
+    """``Job.params`` of a ``generation`` job (resolved: every default filled in)."""
+
+    generator_id: str
+    n: int = Field(description="Total images = sum(counts.values()).")
+    counts: dict[str, int] = Field(description="Images per label, in generator label order (no zeros).")
+    label_ids: dict[str, int | None] = Field(
+        description="Generator class id of each label in counts; null = unconditional (the null class).")
+    sampler: Sampler
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int = Field(description="Image i is sampled from seed (seed, i).")
+    resolution: int | None = Field(description="Generator resolution (pixels, square), if its config says.")
+    name: str = Field(description="Name of the synthetic dataset the job creates.")
+
+
+class GenerationResult(BaseModel):
+    """``Job.result`` of a succeeded ``generation`` job (written by the worker)."""
+
+    dataset_id: str
+    num_images: int = Field(description="Summed by /metrics as cxrsynth_images_generated_total.")
+    label_counts: dict[str, int] = {}
+    manifest_key: str | None = None
+    export_key: str | None = None
+
+
+class GeneratorTrainingParams(BaseModel):
+    """``Job.params`` of a ``generator_training`` job."""
+
+    dataset_id: str
+    dataset_prefix: str
+    manifest_key: str
+    name: str = Field(description="Name of the generator the job creates.")
+    labels: dict[str, int] = Field(description="Label name -> class id (sorted names, ids 0..k-1).")
+    resolution: Literal[32, 64, 128]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+
+
+class GeneratorTrainingResult(BaseModel):
+    """``Job.result`` of a succeeded ``generator_training`` job (written by the worker)."""
+
+    generator_id: str
+    metrics: dict[str, Any] = {}

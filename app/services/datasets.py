@@ -1,0 +1,280 @@
+"""Datasets: store validated uploads, register an existing prefix, list, page images, download, delete.
+
+Key layout of a dataset ``id`` of tenant ``t`` (built with ``tenant_key``)::
+
+    tenants/t/datasets/id/images/LABEL/NAME.png   8-bit grey PNGs (uploads; registered prefixes stay put)
+    tenants/t/datasets/id/manifest.csv            file,label,sha256 (file relative to Dataset.prefix)
+    tenants/t/datasets/id/exports/id.zip          zip export (images + manifest.csv + dataset.json)
+
+Objects are written only after the whole upload validated; if storing fails part-way, everything under
+the dataset's key space is deleted before the error propagates and no row is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from threading import Lock
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.problems import Conflict, InvalidInput, NotFound
+from app.db.orm import ACTIVE_STATUSES, Dataset, Job, new_id
+from app.schemas.common import DownloadLink
+from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat
+from app.services.exports import (
+    ManifestRow,
+    build_zip_export,
+    dataset_export_key,
+    dataset_root,
+    image_key,
+    manifest_csv,
+    parse_manifest,
+    safe_filename,
+    signed_download,
+)
+from app.services.pagination import as_utc, check_limit, decode_cursor, encode_cursor, paginate_newest_first
+from app.services.uploads import IGNORED_SUFFIXES, PreparedImage, normalise_label, sniff_stored_image
+from app.storage.base import ObjectStore, tenant_key
+
+log = logging.getLogger("cxrsynth.datasets")
+
+UPLOAD_THREADS = 4
+_CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def dataset_out(ds: Dataset) -> DatasetOut:
+    """The public shape of a dataset."""
+    return DatasetOut(
+        id=ds.id, name=ds.name, origin=ds.origin, status=ds.status, num_images=ds.num_images,  # type: ignore[arg-type]
+        label_counts={k: int(v) for k, v in (ds.label_counts or {}).items()}, prefix=ds.prefix,
+        manifest_key=ds.manifest_key, card=ds.card or {}, privacy=ds.privacy, gate_status=ds.gate_status,
+        source_job_id=ds.source_job_id, total_bytes=ds.total_bytes, created_at=as_utc(ds.created_at),
+    )
+
+
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; :class:`NotFound` for unknown ids and other tenants' alike."""
+    ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+    if ds is None:
+        raise NotFound(f"no dataset {dataset_id}")
+    return ds
+
+
+def list_datasets(
+    session: Session, settings: Settings, tenant_id: str, *, origin: Literal["real", "synthetic"] | None = None,
+    cursor: str | None = None, limit: int = 50,
+) -> tuple[list[Dataset], str | None]:
+    """One page of the tenant's datasets, newest first."""
+    check_limit(limit, settings.page_size_max)
+    stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    if origin is not None:
+        stmt = stmt.where(Dataset.origin == origin)
+    return paginate_newest_first(session, stmt, Dataset, cursor, limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Creating
+# --------------------------------------------------------------------------------------------------
+def _card(source: str, rows: Sequence[ManifestRow], extra: dict[str, object] | None = None) -> dict[str, object]:
+    counts = Counter(r.label for r in rows)
+    return {"origin": "real", "source": source, "num_images": len(rows), "labels": sorted(counts),
+            "image_format": "8-bit grey PNG" if source == "upload" else "as stored", **(extra or {})}
+
+
+def create_uploaded_dataset(
+    session: Session, store: ObjectStore, tenant_id: str, name: str, images: Sequence[PreparedImage]
+) -> Dataset:
+    """Store validated images (see :func:`app.services.uploads.prepare_images`) as a new real dataset:
+    PNGs, ``manifest.csv``, the zip export, then the row. All or nothing."""
+    name = name.strip()[:200] or "upload"
+    ds_id = new_id()
+    root = tenant_key(tenant_id, "datasets", ds_id)
+    prefix = tenant_key(tenant_id, "datasets", ds_id, "images")
+    rows = sorted((ManifestRow(f"{img.label}/{img.name}", img.label, img.sha256) for img in images),
+                  key=lambda r: r.file)
+    ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name, origin="real", status="ready", prefix=prefix,
+                 num_images=len(rows), label_counts=dict(sorted(Counter(r.label for r in rows).items())),
+                 manifest_key=tenant_key(tenant_id, "datasets", ds_id, "manifest.csv"),
+                 card=_card("upload", rows), total_bytes=sum(img.size for img in images))
+    try:
+        def put(img: PreparedImage) -> None:
+            store.put_file(f"{prefix}/{img.label}/{img.name}", img.path, "image/png")
+
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(put, images))
+        assert ds.manifest_key is not None
+        store.put_bytes(ds.manifest_key, manifest_csv(rows), "text/csv")
+        build_zip_export(store, ds)
+        session.add(ds)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        _delete_quietly(store, root + "/")
+        raise
+    return ds
+
+
+def _delete_quietly(store: ObjectStore, prefix: str) -> None:
+    try:
+        store.delete_prefix(prefix)
+    except Exception:
+        log.exception("could not clean up %s", prefix)
+
+
+def normalise_registered_prefix(tenant_id: str, prefix: str) -> str:
+    """``tenants/{tenant}/...`` without a trailing slash; 422 for other tenants' or unsafe prefixes."""
+    p = prefix.strip().lstrip("/").rstrip("/")
+    own = f"tenants/{tenant_id}/"
+    parts = p.split("/")
+    if "\\" in p or any(part in ("", ".", "..") for part in parts) or not (p + "/").startswith(own) or p + "/" == own:
+        raise InvalidInput(f"prefix must be a folder inside your key space {own}", slug="invalid-prefix")
+    return p
+
+
+def register_dataset(
+    session: Session, store: ObjectStore, settings: Settings, tenant_id: str, name: str, prefix: str
+) -> Dataset:
+    """Register images already stored under ``prefix`` (``LABEL/NAME.png|jpg``, within the tenant's own
+    key space) as a real dataset: each object is read, sniffed and hashed into a manifest; nothing is
+    copied. Top-level notes (csv, txt, md, json) and hidden files are skipped."""
+    prefix = normalise_registered_prefix(tenant_id, prefix)
+    base = prefix + "/"
+    rows: list[ManifestRow] = []
+    total = 0
+    for n, obj in enumerate(store.list(base)):
+        if n >= settings.max_upload_files:
+            raise InvalidInput(f"more than {settings.max_upload_files} objects under {prefix}", slug="too-many-files")
+        rel = obj.key[len(base):]
+        parts = tuple(rel.split("/"))
+        if any(p.startswith(".") for p in parts) or (len(parts) == 1 and rel.lower().endswith(IGNORED_SUFFIXES)):
+            continue
+        if len(parts) != 2:
+            raise InvalidInput(f"{obj.key}: expected {prefix}/LABEL/NAME.png", slug="bad-layout")
+        label = normalise_label(parts[0], obj.key)
+        if obj.size > 8 * settings.max_image_pixels + (1 << 20):
+            raise InvalidInput(f"{obj.key}: too big for one image", slug="image-too-large")
+        data = store.get_bytes(obj.key)
+        sniff_stored_image(data, settings.max_image_pixels, obj.key)
+        rows.append(ManifestRow(rel, label, hashlib.sha256(data).hexdigest()))
+        total += len(data)
+    if not rows:
+        raise InvalidInput(f"no PNG or JPEG images under {prefix}/LABEL/", slug="no-files")
+    ds_id = new_id()
+    ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name.strip()[:200] or prefix.rsplit("/", 1)[-1], origin="real",
+                 status="ready", prefix=prefix, num_images=len(rows),
+                 label_counts=dict(sorted(Counter(r.label for r in rows).items())),
+                 manifest_key=tenant_key(tenant_id, "datasets", ds_id, "manifest.csv"),
+                 card=_card("registered", rows, {"registered_prefix": prefix}), total_bytes=total)
+    try:
+        assert ds.manifest_key is not None
+        store.put_bytes(ds.manifest_key, manifest_csv(rows), "text/csv")
+        session.add(ds)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        _delete_quietly(store, dataset_root(ds) + "/")
+        raise
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Images, downloads, deletion
+# --------------------------------------------------------------------------------------------------
+class ManifestCache:
+    """Parsed manifests by key (manifests never change once written), least recently used out."""
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self._items: OrderedDict[str, list[ManifestRow]] = OrderedDict()
+        self._max = max_entries
+        self._lock = Lock()
+
+    def get(self, store: ObjectStore, key: str) -> list[ManifestRow]:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        rows = parse_manifest(store.get_bytes(key))
+        with self._lock:
+            self._items[key] = rows
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+        return rows
+
+
+_MANIFESTS = ManifestCache()
+
+
+def _ready(ds: Dataset) -> str:
+    if ds.status != "ready" or not ds.manifest_key:
+        raise Conflict(f"dataset {ds.id} is {ds.status}, not ready", slug="not-ready")
+    return ds.manifest_key
+
+
+def list_dataset_images(
+    session: Session, store: ObjectStore, settings: Settings, tenant_id: str, dataset_id: str, *,
+    label: str | None = None, cursor: str | None = None, limit: int = 50,
+) -> tuple[list[DatasetImage], str | None]:
+    """One page of a dataset's manifest rows (optionally of one label) with a signed URL per image."""
+    check_limit(limit, settings.page_size_max)
+    ds = get_dataset(session, tenant_id, dataset_id)
+    rows = _MANIFESTS.get(store, _ready(ds))
+    if label is not None:
+        wanted = label.strip().lower()
+        rows = [r for r in rows if r.label == wanted]
+    start = 0
+    if cursor:
+        parts = decode_cursor(cursor)
+        if len(parts) != 2 or parts[0] != "offset" or not isinstance(parts[1], int) or parts[1] < 0:
+            raise InvalidInput("cursor is not a cursor returned by this API", slug="invalid-cursor")
+        start = parts[1]
+    page = rows[start:start + limit]
+    items = []
+    for r in page:
+        suffix = PurePosixPath(r.file).suffix.lower()
+        link = signed_download(store, settings, image_key(ds, r.file), PurePosixPath(r.file).name,
+                               _CONTENT_TYPES.get(suffix, "application/octet-stream"))
+        items.append(DatasetImage(file=r.file, label=r.label, sha256=r.sha256, url=link.url,
+                                  expires_at=link.expires_at))
+    next_cursor = encode_cursor("offset", start + limit) if start + limit < len(rows) else None
+    return items, next_cursor
+
+
+def dataset_download(
+    session: Session, store: ObjectStore, settings: Settings, tenant_id: str, dataset_id: str,
+    fmt: DownloadFormat = "zip",
+) -> DownloadLink:
+    """A signed URL of the dataset's zip export (built on first request if missing)."""
+    ds = get_dataset(session, tenant_id, dataset_id)
+    if fmt != "zip":
+        raise Conflict(f"format {fmt!r} is not available yet; use format=zip", slug="format-not-available",
+                       available=["zip"])
+    _ready(ds)
+    key = dataset_export_key(ds)
+    if not store.exists(key):
+        build_zip_export(store, ds, key)
+    filename = f"{safe_filename(ds.name, default='dataset')}-{ds.id[:8]}.zip"
+    return signed_download(store, settings, key, filename, "application/zip")
+
+
+def delete_dataset(session: Session, store: ObjectStore, tenant_id: str, dataset_id: str) -> None:
+    """Delete a real dataset and every object under its key space (a registered prefix's own objects
+    are not the service's and stay). Synthetic datasets are immutable (409); so is a dataset an active
+    job is reading (409)."""
+    ds = get_dataset(session, tenant_id, dataset_id)
+    if ds.origin != "real":
+        raise Conflict("synthetic datasets are immutable", slug="immutable-dataset")
+    busy = session.scalar(select(Job.id).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES),
+                                               Job.params["dataset_id"].as_string() == ds.id).limit(1))
+    if busy is not None:
+        raise Conflict(f"job {busy} is using this dataset; cancel it or wait", slug="dataset-in-use", job_id=busy)
+    store.delete_prefix(dataset_root(ds) + "/")
+    session.delete(ds)
+    session.commit()

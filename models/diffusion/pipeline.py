@@ -1,0 +1,365 @@
+"""Sampling pipeline of a cxrsynth generator: labels, per-image seeds, samplers and guidance.
+
+Diffusers style: the pipeline owns a ``UNet2DModel`` and a scheduler and is separate from both; the
+sampler is picked per call by rebuilding a diffusers scheduler ``from_config`` of the trained one.
+
+Determinism contract: image ``i`` of a request with seed ``s`` depends only on ``(s, i)``, the label,
+the sampler settings and the weights, never on the batch size, the shard or the worker. Each image
+has its own ``torch.Generator`` seeded with :func:`image_seed` (s, i); its initial noise and every
+stochastic sampler draw come from that generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+    UNet2DModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from models.callbacks import OnStep, no_progress
+from models.device import autocast_for, pick_device
+
+Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+OutputType = Literal["np", "pil", "pt"]
+
+#: sampler name -> (diffusers scheduler class, extra config overrides)
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddpm": (DDPMScheduler, {}),
+    # eta = 0 (deterministic DDIM); "trailing" spacing reaches t = T-1, where v-prediction on a
+    # cosine schedule starts from (almost) pure noise.
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    "dpmsolver++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
+         "lower_order_final": True, "final_sigmas_type": "zero"},
+    ),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "timestep_spacing": "trailing",
+                                        "lower_order_final": True}),
+}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20}
+DEFAULT_GUIDANCE = 2.0
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Stable 63-bit seed of image ``index`` in a request with ``seed`` (SHA-256 based).
+
+    A hash (not ``seed + index``) keeps neighbouring requests' images independent: request s=1
+    image 0 does not share its noise with request s=0 image 1.
+    """
+    digest = hashlib.sha256(f"cxrsynth/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_scheduler(base_config: Mapping[str, Any], sampler: str) -> SchedulerMixin:
+    """A fresh diffusers scheduler of type ``sampler`` built from the trained scheduler's config.
+
+    The training config supplies the noise schedule and prediction type; the sampler adds its own
+    settings (see :data:`SAMPLERS`). Raises ``ValueError`` for an unknown sampler name.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    cls, overrides = SAMPLERS[sampler]
+    # from_config ignores keys the class does not know (e.g. DDPM's variance_type for DPM-Solver).
+    return cls.from_config(dict(base_config), **overrides)  # type: ignore[no-any-return]
+
+
+def plan_generation(
+    n: int | None = None,
+    counts: Mapping[str, int] | None = None,
+    label: str | None = None,
+    seed: int = 0,
+    *,
+    label_names: Sequence[str] = (),
+    max_images: int | None = None,
+) -> list[str | None]:
+    """Deterministic label of every image index of a generation job.
+
+    Give either ``n`` (with an optional single ``label``; without one, a conditional generator's
+    labels are balanced and an unconditional one gets ``None``) or ``counts`` (label -> number).
+    Mixed plans are shuffled with ``seed`` so any prefix or shard is roughly balanced, and every
+    shard of a job computes the same list. Raises ``ValueError`` with a readable message for
+    n <= 0, more than ``max_images``, unknown labels, or a label on an unconditional generator.
+    """
+    known = list(label_names)
+
+    def check_label(name: str) -> None:
+        if not known:
+            raise ValueError(f"label {name!r} given but this generator is unconditional (no labels)")
+        if name not in known:
+            raise ValueError(f"unknown label {name!r}; this generator knows {known}")
+
+    if (n is None) == (counts is None):
+        raise ValueError("give exactly one of n or counts")
+    if counts is not None:
+        if label is not None:
+            raise ValueError("give label with n, not with counts")
+        if not counts:
+            raise ValueError("counts is empty")
+        for name, c in counts.items():
+            check_label(name)
+            if int(c) < 0:
+                raise ValueError(f"count for {name!r} must be >= 0, got {c}")
+        plan: list[str | None] = [name for name in known for _ in range(int(counts.get(name, 0)))]
+    else:
+        assert n is not None
+        if int(n) <= 0:
+            raise ValueError(f"n must be a positive number of images, got {n}")
+        if label is not None:
+            check_label(label)
+            plan = [label] * int(n)
+        elif known:
+            plan = [known[i % len(known)] for i in range(int(n))]
+        else:
+            plan = [None] * int(n)
+    if not plan:
+        raise ValueError("the plan has no images (all counts are 0)")
+    if max_images is not None and len(plan) > max_images:
+        raise ValueError(f"{len(plan)} images requested; the limit is {max_images}")
+    if len(set(plan)) > 1:
+        perm = np.random.default_rng(image_seed(seed, -1)).permutation(len(plan))
+        plan = [plan[int(i)] for i in perm]
+    return plan
+
+
+@dataclass
+class GenerationOutput:
+    """Generated images (uint8 (N, H, W) array, PIL list or float tensor) and one dict per image."""
+
+    images: Any
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+
+class CXRDiffusionPipeline:
+    """Class-conditional (or unconditional) grey chest X-ray sampler around a diffusers UNet."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        label_names: Sequence[str] = (),
+        generator_id: str = "",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device).eval()
+        self.scheduler = scheduler
+        self.label_names = tuple(label_names)
+        self.generator_id = generator_id
+        self.resolution = int(unet.config.sample_size)
+        n_emb = unet.config.num_class_embeds
+        self.conditional = n_emb is not None
+        self.null_class_id: int | None = len(self.label_names) if self.conditional else None
+        if self.conditional and n_emb != len(self.label_names) + 1:
+            raise ValueError(f"UNet has {n_emb} class embeddings; expected {len(self.label_names)} labels + null")
+        # channels_last helps convolutions on CUDA; on CPU the oneDNN path measured no faster.
+        if self.device.type == "cuda":
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_pretrained(
+        cls, generator_dir: str | Path, device: str = "auto", compile: bool = False
+    ) -> CXRDiffusionPipeline:
+        """Load a generator directory written by :func:`models.diffusion.export.export_generator`.
+
+        Weights are upcast to fp32 (bf16 autocast runs on CUDA); ``compile=True`` applies
+        ``torch.compile`` to the UNet on CUDA only (on CPU the compile time outweighs the gain).
+        """
+        from models.diffusion.export import read_generator_metadata
+
+        path = Path(generator_dir)
+        meta = read_generator_metadata(path)
+        unet = UNet2DModel.from_pretrained(path, torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(path)
+        if int(meta["resolution"]) != int(unet.config.sample_size):
+            raise ValueError(
+                f"{path}: cxrsynth.json says {meta['resolution']} px but the UNet is {unet.config.sample_size} px"
+            )
+        names = [name for name, _ in sorted(meta.get("labels", {}).items(), key=lambda kv: kv[1])]
+        pipe = cls(unet, scheduler, names, generator_id=meta.get("generator_id") or path.name,
+                   device=pick_device(device))
+        if compile and pipe.device.type == "cuda":
+            pipe.unet = torch.compile(pipe.unet)  # type: ignore[assignment]
+        return pipe
+
+    # ----------------------------------------------------------------------------------------
+
+    def class_id(self, label: str | int | None) -> int | None:
+        """Class id of a label name or id (``None`` = unconditional, the null class)."""
+        if label is None:
+            return self.null_class_id
+        if not self.conditional:
+            raise ValueError(f"label {label!r} given but this generator is unconditional")
+        if isinstance(label, (int, np.integer)):
+            if not 0 <= int(label) < len(self.label_names):
+                raise ValueError(f"class id {label} out of range; labels are {dict(enumerate(self.label_names))}")
+            return int(label)
+        if label not in self.label_names:
+            raise ValueError(f"unknown label {label!r}; this generator knows {list(self.label_names)}")
+        return self.label_names.index(label)
+
+    def auto_batch_size(self) -> int:
+        """Images per batch from free memory (CUDA) or RAM (CPU), capped where speed stops growing."""
+        cfg = self.unet.config
+        # Rough live activation bytes per image in inference mode (x2 for guidance's uncond half).
+        per_image = 2 * 4 * self.resolution**2 * max(cfg.block_out_channels) * 16
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(max(1, min(512, 0.5 * free // per_image)))
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 2 << 30
+        # On CPU throughput is flat beyond a few dozen images; small batches report progress sooner.
+        return int(max(1, min(32, 0.25 * avail // per_image)))
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        labels: Sequence[str | int | None] | str | int | None = None,
+        num_images: int | None = None,
+        image_indices: Sequence[int] | None = None,
+        seed: int = 0,
+        sampler: str = "dpmsolver++",
+        num_inference_steps: int | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        batch_size: int | None = None,
+        callback: OnStep = no_progress,
+        output_type: OutputType = "np",
+        resolution: int | None = None,
+    ) -> GenerationOutput:
+        """Generate images.
+
+        ``labels`` holds one label name / class id per image (a single value means one image);
+        ``num_images`` asks for unconditional images instead. ``image_indices`` are the global indices
+        of these images in the job (default ``range(N)``), which with ``seed`` fix each image's noise.
+        ``guidance_scale`` > 1 applies classifier-free guidance with the null class (cond and uncond
+        run in one batch). ``callback(step, total, message)`` is called after each denoising step of
+        each batch and may raise ``Canceled``. ``resolution``, when given, must match the model.
+        """
+        if resolution is not None and int(resolution) != self.resolution:
+            raise ValueError(f"resolution {resolution} requested; this generator makes {self.resolution} px images")
+        if (labels is None) == (num_images is None):
+            raise ValueError("give exactly one of labels or num_images")
+        if labels is not None:
+            label_list = [labels] if isinstance(labels, (str, int)) else list(labels)
+        else:
+            assert num_images is not None
+            if int(num_images) <= 0:
+                raise ValueError(f"num_images must be positive, got {num_images}")
+            label_list = [None] * int(num_images)
+        if not label_list:
+            raise ValueError("no images requested (labels is empty)")
+        class_ids = [self.class_id(lab) for lab in label_list]
+        n = len(class_ids)
+        indices = list(range(n)) if image_indices is None else [int(i) for i in image_indices]
+        if len(indices) != n:
+            raise ValueError(f"{len(indices)} image_indices for {n} images")
+        steps = int(num_inference_steps or DEFAULT_STEPS.get(sampler, 20))
+        if steps <= 0:
+            raise ValueError("num_inference_steps must be positive")
+        make_scheduler(self.scheduler.config, sampler)  # validates the name before any work
+        bs = int(batch_size or self.auto_batch_size())
+        if bs <= 0:
+            raise ValueError("batch_size must be positive")
+
+        chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        total = len(chunks) * steps
+        outs: list[torch.Tensor] = []
+        for c, chunk in enumerate(chunks):
+            x = self._sample_batch(
+                [class_ids[j] for j in chunk], [indices[j] for j in chunk], seed, sampler, steps,
+                guidance_scale,
+                lambda k, c=c: callback(c * steps + k, total, f"batch {c + 1}/{len(chunks)} step {k}/{steps}"),
+            )
+            outs.append(x)
+        x = torch.cat(outs)
+        meta = [
+            {"index": indices[j], "seed": seed, "image_seed": image_seed(seed, indices[j]),
+             "label": self._label_name(class_ids[j]), "class_id": class_ids[j], "sampler": sampler,
+             "steps": steps, "guidance": guidance_scale if self._guided(guidance_scale) else 1.0,
+             "generator_id": self.generator_id, "resolution": self.resolution}
+            for j in range(n)
+        ]
+        return GenerationOutput(self._to_output(x, output_type), meta)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _label_name(self, cid: int | None) -> str | None:
+        return None if cid is None or cid == self.null_class_id else self.label_names[cid]
+
+    def _guided(self, guidance_scale: float) -> bool:
+        return self.conditional and guidance_scale != 1.0
+
+    def _sample_batch(
+        self,
+        class_ids: list[int | None],
+        indices: list[int],
+        seed: int,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        progress: Any,
+    ) -> torch.Tensor:
+        """Denoise one batch; returns float32 images in [-1, 1] on the CPU, shape (B, 1, H, W)."""
+        dev = self.device
+        # One CPU generator per image: the noise is the same on every device and batch layout.
+        gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in indices]
+        shape = (1, 1, self.resolution, self.resolution)
+        x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev)
+        sched = make_scheduler(self.scheduler.config, sampler)  # fresh: multistep solvers keep state
+        sched.set_timesteps(steps, device=dev)
+        x = x * sched.init_noise_sigma
+        # Stochastic samplers (DDPM, DDIM with eta > 0, SDE variants) draw their per-step noise
+        # through diffusers' randn_tensor, which with a *list* of generators draws sample b from
+        # generators[b] alone, so each image's noise stream is independent of its batch mates.
+        step_kwargs: dict[str, Any] = {}
+        if "generator" in inspect.signature(sched.step).parameters:
+            step_kwargs["generator"] = gens
+        guided = self._guided(guidance_scale)
+        cond: torch.Tensor | None = None
+        if self.conditional:
+            cond = torch.tensor([self.null_class_id if c is None else c for c in class_ids], device=dev)
+            if guided:
+                null = torch.full_like(cond, int(self.null_class_id))  # type: ignore[arg-type]
+                cond = torch.cat([cond, null])
+        for k, t in enumerate(sched.timesteps):
+            model_in = sched.scale_model_input(x, t)
+            if guided:
+                model_in = torch.cat([model_in, model_in])
+            if dev.type == "cuda":
+                model_in = model_in.contiguous(memory_format=torch.channels_last)
+            with autocast_for(dev):
+                out = self.unet(model_in, t, class_labels=cond).sample.float()
+            if guided:
+                out_c, out_u = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+            progress(k + 1)
+        return x.float().cpu()
+
+    @staticmethod
+    def _to_output(x: torch.Tensor, output_type: str) -> Any:
+        if output_type == "pt":
+            return x.clamp(-1, 1)
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+        if output_type == "np":
+            return u8
+        if output_type == "pil":
+            from PIL import Image
+
+            return [Image.fromarray(im, mode="L") for im in u8]
+        raise ValueError(f"output_type must be 'np', 'pil' or 'pt', got {output_type!r}")

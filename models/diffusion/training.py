@@ -1,0 +1,420 @@
+"""Training loop of the class-conditional grey-scale chest X-ray diffusion generator.
+
+One function, :func:`train_generator`, takes a data folder (or in-memory arrays), trains a diffusers
+``UNet2DModel`` with a ``DDPMScheduler`` noise schedule, checkpoints atomically so a run can resume
+bit-for-bit, and exports the EMA weights in diffusers format (see :mod:`models.diffusion.export`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+from models.callbacks import Canceled, OnStep, no_progress
+from models.data.folders import images_to_array, list_image_folder
+from models.device import autocast_for, pick_device
+from models.diffusion.config import TrainingConfig
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A training set held in RAM: (N, H, W) uint8 images at the training resolution.
+
+    ``labels`` are class ids into ``label_names`` (``None`` for an unlabelled set, which trains an
+    unconditional generator). ``source`` names where the images came from, for the model card.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    label_names: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be (N, H, W) uint8, got {self.images.shape} {self.images.dtype}")
+        if len(self.images) == 0:
+            raise ValueError("the training set is empty")
+        if self.images.shape[1] != self.images.shape[2]:
+            raise ValueError(f"images must be square, got {self.images.shape[1]}x{self.images.shape[2]}")
+        if self.labels is not None:
+            if len(self.labels) != len(self.images):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+            if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
+                raise ValueError(f"labels must be class ids in [0, {len(self.label_names)})")
+
+    @property
+    def conditional(self) -> bool:
+        """True when the set has labels (class-conditional training with a null class)."""
+        return self.labels is not None
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per label name (``{"unlabelled": N}`` for an unlabelled set)."""
+        if self.labels is None:
+            return {"unlabelled": len(self.images)}
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(self.label_names)}
+
+
+def load_training_data(data: str | Path, resolution: int, aspect_mode: str = "pad") -> TrainingData:
+    """Read an ImageFolder (label = sub-folder name) or an unlabelled folder into RAM.
+
+    Label names are sorted, so ``normal`` -> 0 and ``pneumonia`` -> 1 for the Kermany layout.
+    """
+    records = list_image_folder(data)
+    images = images_to_array([r.path for r in records], resolution, aspect_mode, threads=2)  # type: ignore[arg-type]
+    if records[0].label is None:
+        return TrainingData(images, None, (), Path(data).name)
+    names = tuple(sorted({r.label for r in records if r.label is not None}))
+    ids = {n: i for i, n in enumerate(names)}
+    labels = np.array([ids[r.label] for r in records if r.label is not None], dtype=np.int64)
+    return TrainingData(images, labels, names, Path(data).name)
+
+
+@dataclass
+class TrainingResult:
+    """What a finished (or canceled) run produced."""
+
+    out_dir: Path | None
+    steps: int
+    final_loss: float
+    wall_seconds: float
+    device: str
+    losses: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction and the training state
+# --------------------------------------------------------------------------------------------
+
+
+def build_unet(config: TrainingConfig, num_labels: int) -> UNet2DModel:
+    """A fresh UNet; ``num_labels > 0`` adds ``num_labels + 1`` class embeddings (last = null)."""
+    return UNet2DModel(**config.unet_kwargs(num_labels + 1 if num_labels > 0 else None))
+
+
+def build_noise_scheduler(config: TrainingConfig) -> DDPMScheduler:
+    """The training noise schedule (also saved as the generator's ``scheduler_config.json``)."""
+    return DDPMScheduler(**config.scheduler_kwargs())
+
+
+class _DataOrder:
+    """Epoch-wise shuffled sample order driven by its own seeded generator (saved in checkpoints).
+
+    Keeping the permutation, the position in it and the generator state lets a resumed run draw
+    exactly the batches the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.pos = 0
+        self.epoch = 0
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        out: list[torch.Tensor] = []
+        need = batch_size
+        while need:
+            if self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator)
+                self.pos = 0
+                self.epoch += 1
+            take = min(need, self.n - self.pos)
+            out.append(self.perm[self.pos : self.pos + take])
+            self.pos += take
+            need -= take
+        return torch.cat(out).numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
+                "epoch": self.epoch, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"checkpoint was trained on {state['n']} images, this data has {self.n}")
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
+        self.epoch = int(state["epoch"])
+
+
+def _rng_state(noise_gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "noise": noise_gen.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    noise_gen.set_state(state["noise"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint_atomic(payload: dict[str, Any], checkpoint_dir: Path) -> Path:
+    """Write ``checkpoint.pt`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / CHECKPOINT_NAME
+    tmp = checkpoint_dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as fh:  # flush to disk before the rename makes it visible
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train_generator` (CPU tensors)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    # weights_only=False: the checkpoint holds numpy / python RNG states, and it is our own file.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _as_training_data(
+    data: str | Path | TrainingData | np.ndarray,
+    labels: Sequence[int] | np.ndarray | None,
+    label_names: Sequence[str] | None,
+    config: TrainingConfig,
+) -> TrainingData:
+    if isinstance(data, TrainingData):
+        td = data
+    elif isinstance(data, np.ndarray):
+        if labels is not None and not label_names:
+            raise ValueError("label_names are required with labels")
+        td = TrainingData(
+            np.ascontiguousarray(data, dtype=np.uint8),
+            None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1),
+            tuple(label_names or ()),
+            "in-memory array",
+        )
+    else:
+        td = load_training_data(data, config.resolution, config.aspect_mode)
+    if td.images.shape[1] != config.resolution:
+        td = _resize_data(td, config)
+    return td
+
+
+def _resize_data(td: TrainingData, config: TrainingConfig) -> TrainingData:
+    """Resize in-memory images (e.g. 28 px PneumoniaMNIST) to the training resolution."""
+    from PIL import Image
+
+    from models.data.folders import resize_grey
+
+    out = np.stack(
+        [np.asarray(resize_grey(Image.fromarray(im, mode="L"), config.resolution, config.aspect_mode))
+         for im in td.images]
+    )
+    return TrainingData(out, td.labels, td.label_names, td.source)
+
+
+def train_generator(
+    data: str | Path | TrainingData | np.ndarray,
+    out_dir: str | Path | None,
+    config: TrainingConfig,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: OnStep = no_progress,
+    *,
+    labels: Sequence[int] | np.ndarray | None = None,
+    label_names: Sequence[str] | None = None,
+    device: str = "auto",
+    preview_dir: str | Path | None = None,
+    preview_every: int = 0,
+) -> TrainingResult:
+    """Train a generator and export it to ``out_dir`` in diffusers format (EMA weights).
+
+    ``data`` is a folder (ImageFolder = class-conditional; loose images = unconditional), a
+    :class:`TrainingData`, or an (N, H, W) uint8 array with ``labels`` and ``label_names``.
+    With ``checkpoint_dir`` the full training state is saved every ``config.checkpoint_every``
+    steps; ``resume=True`` continues from it (on CPU, bit-for-bit the same as an uninterrupted
+    run). ``on_step`` may raise :class:`Canceled`: the state is checkpointed, then it propagates.
+    ``out_dir=None`` skips the export (used to test resuming).
+    """
+    td = _as_training_data(data, labels, label_names, config)
+    dev = pick_device(device)
+    num_labels = len(td.label_names) if td.conditional else 0
+    null_class = num_labels
+
+    # Seed the global RNGs too: diffusers / torch layers may draw from them (e.g. dropout).
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    unet = build_unet(config, num_labels).to(dev)
+    unet.train()
+    if dev.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    noise_scheduler = build_noise_scheduler(config)
+    ema = EMAModel(
+        unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
+        inv_gamma=1.0, power=3 / 4, model_cls=UNet2DModel, model_config=unet.config,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    order = _DataOrder(len(td.images), config.seed)
+    # A dedicated generator for noise, timesteps, label dropout and flips, so the sequence of random
+    # draws depends only on the seed and the step, not on unrelated library code.
+    noise_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    step = 0
+    wall_before = 0.0
+    losses: list[float] = []
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        if ckpt_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        state = load_checkpoint(ckpt_dir)
+        saved = TrainingConfig.from_dict(state["config"])
+        if saved.replace(max_steps=config.max_steps) != config:
+            raise ValueError("the checkpoint was written with a different TrainingConfig")
+        if tuple(state["label_names"]) != td.label_names:
+            raise ValueError(f"checkpoint labels {state['label_names']} differ from data labels {td.label_names}")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        ema.to(dev)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        order.load_state_dict(state["data_order"])
+        _set_rng_state(state["rng"], noise_gen)
+        step = int(state["step"])
+        wall_before = float(state["wall_seconds"])
+        losses = list(state.get("losses", []))
+
+    alphas = noise_scheduler.alphas_cumprod.to(dev)
+    images_u8 = torch.from_numpy(td.images)
+    labels_t = torch.from_numpy(td.labels) if td.labels is not None else None
+
+    def checkpoint() -> None:
+        if ckpt_dir is None:
+            return
+        save_checkpoint_atomic(
+            {
+                "format": "cxrsynth-diffusion-checkpoint/1",
+                "config": config.to_dict(),
+                "label_names": list(td.label_names),
+                "data_summary": {"source": td.source, "counts": td.counts(), "num_images": len(td.images)},
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "data_order": order.state_dict(),
+                "rng": _rng_state(noise_gen),
+                "step": step,
+                "wall_seconds": wall_before + (time.perf_counter() - t_start),
+                "device": str(dev),
+                "losses": losses,
+            },
+            ckpt_dir,
+        )
+
+    t_start = time.perf_counter()
+    total = config.max_steps
+    try:
+        while step < total:
+            idx = order.next_batch(config.batch_size)
+            x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
+            if config.horizontal_flip:  # off by default, see TrainingConfig.horizontal_flip
+                flip = torch.rand(len(idx), generator=noise_gen) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            noise = torch.randn(x0.shape, generator=noise_gen)
+            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=noise_gen)
+            class_labels = None
+            if labels_t is not None:
+                class_labels = labels_t[idx].clone()
+                drop = torch.rand(len(idx), generator=noise_gen) < config.label_dropout
+                class_labels[drop] = null_class
+                class_labels = class_labels.to(dev)
+            x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
+            a = alphas[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+            noisy = a * x0 + s * noise
+            target = noise if config.prediction_type == "epsilon" else a * noise - s * x0
+            if dev.type == "cuda":
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            with autocast_for(dev):
+                pred = unet(noisy, t, class_labels=class_labels).sample
+            loss = F.mse_loss(pred.float(), target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            ema.step(unet.parameters())
+            step += 1
+            losses.append(float(loss.item()))
+            if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
+                checkpoint()
+            if preview_dir is not None and preview_every and step % preview_every == 0:
+                _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{step:06d}.png", dev)
+            on_step(step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+    except Canceled:
+        checkpoint()
+        raise
+    wall = wall_before + (time.perf_counter() - t_start)
+    result = TrainingResult(None, step, losses[-1] if losses else float("nan"), wall, str(dev), losses)
+    if out_dir is not None:
+        from models.diffusion.export import export_generator
+
+        result.out_dir = export_generator(
+            out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev)
+        )
+    return result
+
+
+def _device_words(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"CUDA, {torch.cuda.get_device_name(dev)}"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+@torch.inference_mode()
+def _write_preview(
+    ema: EMAModel, unet: UNet2DModel, config: TrainingConfig, td: TrainingData, path: Path,
+    dev: torch.device,
+) -> None:
+    """Save a PNG grid sampled from the EMA weights (DPM-Solver++ 20 steps, guidance 2)."""
+    from models.diffusion.export import ema_unet
+    from models.diffusion.pipeline import CXRDiffusionPipeline
+
+    model = ema_unet(ema, unet, dtype=torch.float32).to(dev)
+    pipe = CXRDiffusionPipeline(model, build_noise_scheduler(config), td.label_names, generator_id="preview")
+    n_per = 8
+    if td.conditional:
+        labs: list[str | int] = [n for n in td.label_names for _ in range(n_per)]
+        out = pipe(labels=labs, seed=1234, num_inference_steps=20, guidance_scale=2.0)
+    else:
+        out = pipe(num_images=2 * n_per, seed=1234, num_inference_steps=20)
+    from models.diffusion.export import save_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(out.images, path, ncols=n_per)

@@ -1,0 +1,1 @@
+"""Generator quality metrics in a chest-X-ray feature space (filled in below)."""

@@ -1,0 +1,136 @@
+"""What every task needs: settings, store, DB sessions, a dispatcher, and job bookkeeping helpers.
+
+A task loads its job, runs ``models`` code with an ``on_step`` callback made here (progress to the DB,
+cooperative cancellation), writes results, and marks the job done. Every helper is idempotent so a
+redelivered task (worker killed, broker redelivery) converges to the same state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.db.orm import Job, JobEvent, JobShard, JobStatus, utcnow
+from app.db.session import get_sessionmaker
+from app.storage import ObjectStore, build_store
+from models.callbacks import Canceled, OnStep
+from worker.dispatch import Dispatcher
+
+
+@dataclass
+class WorkerContext:
+    """Process-wide state of a worker (or of an inline CLI run)."""
+
+    settings: Settings
+    dispatcher: Dispatcher
+    store: ObjectStore = field(init=False)
+    sessions: sessionmaker[Session] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = build_store(self.settings)
+        self.sessions = get_sessionmaker(self.settings.database_url)
+
+
+def record_event(session: Session, job_id: str, message: str, level: str = "info",
+                 step: int | None = None, total: int | None = None) -> None:
+    """Append a progress/log line to the job's event stream."""
+    session.add(JobEvent(job_id=job_id, message=message, level=level, step=step, total=total))
+
+
+def mark_running(session: Session, job: Job) -> None:
+    """queued -> running (first time only); counts the delivery."""
+    if job.status == JobStatus.queued.value:
+        job.status = JobStatus.running.value
+        job.started_at = utcnow()
+        record_event(session, job.id, "started")
+
+
+def mark_failed(session: Session, job: Job, title: str, detail: str) -> None:
+    """Terminal failure with a problem-shaped error; never overwrites another terminal state."""
+    if JobStatus(job.status).terminal:
+        return
+    job.status = JobStatus.failed.value
+    job.error = {"title": title, "detail": detail[-4000:]}
+    job.finished_at = utcnow()
+    record_event(session, job.id, f"failed: {title}: {detail[-500:]}", level="error")
+
+
+def mark_canceled(session: Session, job: Job) -> None:
+    if JobStatus(job.status).terminal:
+        return
+    job.status = JobStatus.canceled.value
+    job.finished_at = utcnow()
+    record_event(session, job.id, "canceled")
+
+
+def make_progress_callback(
+    ctx: WorkerContext,
+    job_id: str,
+    shard_index: int | None = None,
+    throttle_s: float = 1.0,
+    on_write: Callable[[Session, int, int], None] | None = None,
+) -> OnStep:
+    """An ``on_step`` that writes progress at most every ``throttle_s`` and raises ``Canceled``.
+
+    For a shard, ``step`` counts finished images of the shard and the job's progress is the sum over
+    its shards; otherwise ``step``/``total`` are the job's own.
+    """
+    last = [0.0]
+
+    def on_step(step: int, total: int, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < throttle_s and step < total:
+            return
+        last[0] = now
+        with ctx.sessions.begin() as s:
+            if shard_index is not None:
+                s.execute(update(JobShard).where(JobShard.job_id == job_id, JobShard.index == shard_index)
+                          .values(done_items=step, updated_at=utcnow()))
+                done = s.scalar(select(func.coalesce(func.sum(JobShard.done_items), 0))
+                                .where(JobShard.job_id == job_id)) or 0
+                s.execute(update(Job).where(Job.id == job_id)
+                          .values(progress_step=int(done), progress_message=message))
+            else:
+                s.execute(update(Job).where(Job.id == job_id)
+                          .values(progress_step=step, progress_total=total, progress_message=message))
+                record_event(s, job_id, message, step=step, total=total)
+            if on_write is not None:
+                on_write(s, step, total)
+            canceled = s.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+        if canceled:
+            raise Canceled(job_id)
+
+    return on_step
+
+
+def load_job(session: Session, job_id: str, lock: bool = False) -> Job | None:
+    """The job row (``SELECT ... FOR UPDATE`` on Postgres when ``lock``)."""
+    stmt = select(Job).where(Job.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def job_payload(job: Job) -> dict[str, Any]:
+    """The job as the API shows it (used for webhooks)."""
+    total = job.progress_total or 0
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": {"fraction": (job.progress_step / total) if total else (1.0 if job.status == "succeeded" else 0.0),
+                     "message": job.progress_message, "step": job.progress_step, "total": total},
+        "params": job.params,
+        "result": job.result,
+        "error": job.error,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "compute_seconds": job.compute_seconds,
+    }

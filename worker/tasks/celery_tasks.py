@@ -1,0 +1,50 @@
+"""Celery wrappers: each task builds (once per process) a ``WorkerContext`` and calls ``jobs``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from app.core.config import get_settings
+from app.core.queue import (
+    TASK_DELIVER_WEBHOOK,
+    TASK_FINALIZE_JOB,
+    TASK_GENERATION_SHARD,
+    TASK_RUN_JOB,
+    TASK_START_JOB,
+)
+from worker.celery_app import celery_app
+from worker.dispatch import CeleryDispatcher
+from worker.runtime import WorkerContext
+from worker.tasks import jobs
+
+
+@lru_cache(maxsize=1)
+def context() -> WorkerContext:
+    """Built lazily in the worker child, after fork (so CUDA and DB pools start in the child)."""
+    settings = get_settings()
+    return WorkerContext(settings, CeleryDispatcher(settings))
+
+
+@celery_app.task(name=TASK_START_JOB)
+def start_job(job_id: str) -> None:
+    jobs.start_job(context(), job_id)
+
+
+@celery_app.task(name=TASK_GENERATION_SHARD)
+def generation_shard(job_id: str, shard_index: int) -> None:
+    jobs.generation_shard(context(), job_id, shard_index)
+
+
+@celery_app.task(name=TASK_FINALIZE_JOB)
+def finalize_job(job_id: str) -> None:
+    jobs.finalize_job(context(), job_id)
+
+
+@celery_app.task(name=TASK_RUN_JOB)
+def run_job(job_id: str) -> None:
+    jobs.run_job(context(), job_id)
+
+
+@celery_app.task(name=TASK_DELIVER_WEBHOOK)
+def deliver_webhook(job_id: str) -> None:
+    jobs.deliver_webhook(context(), job_id)

@@ -1,0 +1,85 @@
+"""Task entry points by job kind. Plain functions of ``(ctx, ...)``: Celery wraps them in
+``worker.tasks.celery_tasks``; the CLI runs them inline through the same dispatcher interface."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from app.core.queue import (
+    TASK_DELIVER_WEBHOOK,
+    TASK_FINALIZE_JOB,
+    TASK_GENERATION_SHARD,
+    TASK_RUN_JOB,
+    TASK_START_JOB,
+)
+from app.db.orm import JobKind, JobStatus
+from worker.runtime import WorkerContext, load_job, mark_failed
+from worker.tasks import generation, training, webhooks
+
+log = logging.getLogger(__name__)
+
+
+def _notify_if_terminal(ctx: WorkerContext, job_id: str) -> None:
+    with ctx.sessions() as s:
+        job = load_job(s, job_id)
+        notify = job is not None and bool(job.webhook_url) and JobStatus(job.status).terminal
+    if notify:
+        ctx.dispatcher.send(TASK_DELIVER_WEBHOOK, job_id)
+
+
+def start_job(ctx: WorkerContext, job_id: str) -> None:
+    """Route a new (or recovered) job to the tasks of its kind."""
+    with ctx.sessions.begin() as s:
+        job = load_job(s, job_id)
+        if job is None or JobStatus(job.status).terminal:
+            return
+        kind = job.kind
+        if job.cancel_requested:
+            from worker.runtime import mark_canceled
+
+            mark_canceled(s, job)
+            kind = ""
+        elif kind not in (JobKind.generation.value, JobKind.generator_training.value):
+            mark_failed(s, job, "unsupported job kind", f"this worker cannot run {kind!r} jobs yet")
+            kind = ""
+    if kind == JobKind.generation.value:
+        generation.start_generation(ctx, job_id)
+    elif kind == JobKind.generator_training.value:
+        ctx.dispatcher.send(TASK_RUN_JOB, job_id)
+    _notify_if_terminal(ctx, job_id)
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> None:
+    """Single-task kinds (generator training today)."""
+    training.train_generator_job(ctx, job_id)
+    _notify_if_terminal(ctx, job_id)
+
+
+def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
+    generation.generation_shard(ctx, job_id, shard_index)
+    with ctx.sessions() as s:
+        job = load_job(s, job_id)
+        failed_or_canceled = job is not None and job.status in (JobStatus.failed.value, JobStatus.canceled.value)
+    if failed_or_canceled:
+        _notify_if_terminal(ctx, job_id)
+
+
+def finalize_job(ctx: WorkerContext, job_id: str) -> None:
+    generation.finalize_generation(ctx, job_id)
+    _notify_if_terminal(ctx, job_id)
+
+
+def deliver_webhook(ctx: WorkerContext, job_id: str) -> None:
+    webhooks.deliver_webhook(ctx, job_id)
+
+
+def task_registry(ctx: WorkerContext) -> dict[str, Callable[..., None]]:
+    """Task name -> function bound to ``ctx`` (for the inline dispatcher)."""
+    return {
+        TASK_START_JOB: lambda job_id: start_job(ctx, job_id),
+        TASK_GENERATION_SHARD: lambda job_id, k: generation_shard(ctx, job_id, k),
+        TASK_FINALIZE_JOB: lambda job_id: finalize_job(ctx, job_id),
+        TASK_RUN_JOB: lambda job_id: run_job(ctx, job_id),
+        TASK_DELIVER_WEBHOOK: lambda job_id: deliver_webhook(ctx, job_id),
+    }
