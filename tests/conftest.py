@@ -18,8 +18,9 @@ from app.core.config import Settings
 from tests.support import (
     DATA_DIR,
     PG_ADMIN_URL,
-    REDIS_URL,
+    REDIS_SERVER,
     PostgresDatabases,
+    RedisLease,
     S3Server,
     SeaweedProcess,
     SettingsFactory,
@@ -28,6 +29,7 @@ from tests.support import (
     service_unavailable,
     weed_binary,
 )
+from tests.support import free_port as free_port  # re-exported: tests/e2e imports it from here
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -77,20 +79,18 @@ def postgres_url(postgres_databases: PostgresDatabases) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """URL of the Redis database the tests own (``CXRSYNTH_TEST_REDIS_URL``, default db 15), flushed
-    at the start of the session."""
+def redis_url() -> Iterator[str]:
+    """URL of a Redis database this session owns (``CXRSYNTH_TEST_REDIS_URL``, else the first free one
+    of 15..1 on 127.0.0.1:6379), flushed at the start of the session."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    lease = RedisLease(os.environ.get("CXRSYNTH_TEST_REDIS_URL"))
     try:
-        client.ping()
-        client.flushdb()
-    except redis.RedisError as exc:
-        service_unavailable(f"Redis not reachable at {REDIS_URL}: {exc}")
-    finally:
-        client.close()
-    return REDIS_URL
+        url = lease.acquire()
+    except (redis.RedisError, RuntimeError) as exc:
+        service_unavailable(f"no Redis database for the tests ({REDIS_SERVER}): {exc}")
+    yield url
+    lease.release()
 
 
 @pytest.fixture(scope="session")
@@ -155,3 +155,16 @@ def settings_factory(request: pytest.FixtureRequest) -> SettingsFactory:
         return s3_settings_for(request.getfixturevalue("seaweed"), data_dir, **real)
 
     return make
+
+
+# --- a tiny trained generator ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 32 px class-conditional generator (normal / pneumonia) trained for a few steps on a
+    PneumoniaMNIST slice, once per session; its folder is named ``generator-tiny``."""
+    from models.diffusion.testing import train_tiny_generator
+
+    out = tmp_path_factory.mktemp("tiny-generator") / "generator-tiny"
+    return train_tiny_generator(out, shared_data / "pneumoniamnist" / "pneumoniamnist_28.npz")

@@ -4,8 +4,9 @@ Environment (all optional; ``.ci/run`` sets the first three):
 
 - ``CXRSYNTH_TEST_DATABASE_URL``: a Postgres database to use as is (else one is created per session
   on ``postgres@127.0.0.1:5432`` and dropped at the end).
-- ``CXRSYNTH_TEST_REDIS_URL``: the Redis database the tests own (default ``redis://127.0.0.1:6379/15``);
-  it is flushed at the start of the session.
+- ``CXRSYNTH_TEST_REDIS_URL``: the Redis database the tests own, flushed at the start of the session
+  (default: the first of databases 15, 14, ... 1 on ``127.0.0.1:6379`` that no other test session
+  holds, so sessions running side by side never share a queue).
 - ``CXRSYNTH_TEST_S3_BUCKET``: prefix of the bucket names made by the fixtures.
 - ``CXRSYNTH_TEST_S3_ENDPOINT`` (+ ``_ACCESS_KEY``, ``_SECRET_KEY``, ``_REGION``): use this S3 server
   instead of starting SeaweedFS.
@@ -36,7 +37,7 @@ DATA_DIR = Path(os.environ.get("CXR_DATA_DIR") or REPO_ROOT.parent / "shared" / 
 PG_ADMIN_URL = os.environ.get(
     "CXRSYNTH_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("CXRSYNTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_SERVER = os.environ.get("CXRSYNTH_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
 RUN_ID = f"{time.strftime('%Y%m%d%H%M%S')}_{os.getpid()}"
 
 
@@ -101,6 +102,45 @@ class PostgresDatabases:
         self.created.clear()
 
 
+# --- Redis ---------------------------------------------------------------------------------------
+
+REDIS_LEASE_KEY = "cxrsynth:test-session-lease"
+REDIS_LEASE_S = 3 * 3600
+
+
+class RedisLease:
+    """One Redis database held by this test session: a lease key marks it, and it is flushed."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.given = url
+        self.url = ""
+        self.token = f"{RUN_ID}-{os.getpid()}"
+
+    def acquire(self) -> str:
+        """Flush and return the given database, or the first free one of 15..1; raise if none is."""
+        import redis
+
+        candidates = [self.given] if self.given else [f"{REDIS_SERVER}/{db}" for db in range(15, 0, -1)]
+        for url in candidates:
+            with redis.Redis.from_url(url, socket_connect_timeout=3) as client:
+                if self.given or client.set(REDIS_LEASE_KEY, self.token, nx=True, ex=REDIS_LEASE_S):
+                    client.flushdb()
+                    client.set(REDIS_LEASE_KEY, self.token, ex=REDIS_LEASE_S)
+                    self.url = url
+                    return url
+        raise RuntimeError(f"every Redis database 1..15 on {REDIS_SERVER} is held by another test session")
+
+    def release(self) -> None:
+        """Give the database back (only if the lease is still ours)."""
+        import redis
+
+        if not self.url:
+            return
+        with redis.Redis.from_url(self.url, socket_connect_timeout=3) as client:
+            if client.get(REDIS_LEASE_KEY) == self.token.encode():
+                client.delete(REDIS_LEASE_KEY)
+
+
 # --- S3 ------------------------------------------------------------------------------------------
 
 
@@ -150,8 +190,8 @@ class SeaweedProcess:
         }]}
         config = workdir / "s3.json"
         config.write_text(json.dumps(identities))
-        p = {name: free_port() for name in ("master", "master_grpc", "volume", "volume_grpc", "filer",
-                                            "filer_grpc", "s3", "s3_grpc")}
+        self.ports = p = {name: free_port() for name in ("master", "master_grpc", "volume", "volume_grpc",
+                                                         "filer", "filer_grpc", "s3", "s3_grpc")}
         self.command = [
             binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
@@ -180,15 +220,18 @@ class SeaweedProcess:
         raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout_s:.0f}s; weed.log ends:\n{tail}")
 
     def stop(self) -> None:
-        """Terminate ``weed`` (kill it after 15 s)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        """Stop ``weed`` (its data is thrown away, so no long graceful stop) and remove its sockets."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 _bucket_count = itertools.count()

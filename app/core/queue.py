@@ -37,11 +37,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.embedded:
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         # kombu's filesystem transport: messages are files, so queued jobs survive a restart.
         transport.update(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
-                         processed_folder=str(folder / "processed"), store_processed=False)
+                         processed_folder=str(folder / "processed"), store_processed=False,
+                         control_folder=str(folder / "control"))
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,

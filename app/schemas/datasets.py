@@ -14,7 +14,7 @@ class DatasetOut(BaseModel):
     id: str
     name: str
     origin: Literal["real", "synthetic"]
-    status: str = Field(description="pending | ready | failed")
+    status: str = Field(description="pending | ready | failed | canceled")
     num_images: int
     label_counts: dict[str, int]
     prefix: str

@@ -10,19 +10,18 @@ works) and never sees the raw request. After the commit the API sends ``TASK_STA
     ``counts`` is ordered like the generator's labels; image ``i`` (0-based, over the whole job) gets the
     label of the ``counts`` entry it falls into (entries in order: the first ``counts[l0]`` images are
     ``l0``, ...), class id ``label_ids[label]`` (null for an unconditional generator, whose only label is
-    ``unlabeled``), and is sampled from seed ``(seed, i)``. The worker writes
-    :class:`GenerationResult` into ``Job.result`` and creates the synthetic ``Dataset`` (suggested id:
-    the job id, so a re-run is idempotent), images under
-    ``tenant_key(t, "datasets", id, "images", label, f"{i:06d}.png")``, ``manifest.csv`` (file,label,sha256
-    with ``file`` relative to the dataset ``prefix``) and the zip export via
-    ``app.services.exports.build_zip_export``.
+    ``unlabelled``), and is sampled from seed ``(seed, i)``. The worker creates the synthetic ``Dataset``
+    (status ``pending`` -> ``ready``; ``canceled`` when the job is), its images under
+    ``{dataset.prefix}/{label}/{i:07d}.png``, ``manifest.csv`` (``file,label,sha256,...`` with ``file``
+    relative to ``dataset.prefix``) and the zip export via ``app.services.exports.build_zip_export``,
+    and writes :class:`GenerationResult` into ``Job.result``.
 
 ``generator_training`` -> :class:`GeneratorTrainingParams`
     Train on the dataset ``dataset_id`` (images listed in ``manifest_key``, paths relative to
     ``dataset_prefix``); ``labels`` maps label name -> class id (sorted names). ``steps`` is
-    ``TrainingConfig.max_steps``. On success the worker creates the ``Generator`` row (suggested id: the job
-    id) with its files under ``tenant_key(t, "generators", id, ...)`` (diffusers layout + ``cxrsynth.json``
-    + ``README.md``) and writes :class:`GeneratorTrainingResult`.
+    ``TrainingConfig.max_steps``. On success the worker creates the ``Generator`` row with its files under
+    ``tenant_key(t, "generators", id, ...)`` (diffusers layout + ``cxrsynth.json`` + ``README.md``) and
+    writes :class:`GeneratorTrainingResult`.
 
 ``pretraining`` and ``evaluation`` are validated but not accepted yet (501): their worker lands later.
 """
@@ -39,6 +38,8 @@ from app.schemas.common import WebhookUrl
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc")
+# Steps per sampler when a request gives none (as models.diffusion.pipeline.DEFAULT_STEPS).
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20}
 SEED_MAX = 2**32 - 1
 
 
@@ -101,7 +102,8 @@ class GenerationRequest(BaseModel):
     counts: dict[str, int] | None = Field(None, description="Images per label, e.g. {'pneumonia': 8}.")
     label: str | None = Field(None, min_length=1, max_length=100, description="One label for all n images.")
     sampler: Sampler = "dpmsolver++"
-    num_inference_steps: int = Field(25, ge=1, le=1000)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000,
+                                            description="Default per sampler: ddpm 1000, ddim 50, others 20.")
     guidance_scale: float = Field(2.0, ge=0.0, le=20.0, description="Classifier-free guidance; 0 = off.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Default: random, recorded in params.")
     name: str | None = Field(None, min_length=1, max_length=200, description="Name of the synthetic dataset.")
@@ -120,8 +122,6 @@ class GenerationRequest(BaseModel):
                 raise ValueError("counts must add up to at least 1 image")
         elif self.n is None:
             raise ValueError("give n (with an optional label) or counts")
-        if self.sampler == "ddpm" and self.num_inference_steps > 1000:
-            raise ValueError("ddpm allows at most 1000 steps")
         return self
 
 
@@ -193,8 +193,7 @@ class GenerationResult(BaseModel):
     dataset_id: str
     num_images: int = Field(description="Summed by /metrics as cxrsynth_images_generated_total.")
     label_counts: dict[str, int] = {}
-    manifest_key: str | None = None
-    export_key: str | None = None
+    links: dict[str, str] = Field(default_factory=dict, description="API paths of the dataset and its zip.")
 
 
 class GeneratorTrainingParams(BaseModel):
@@ -216,4 +215,5 @@ class GeneratorTrainingResult(BaseModel):
     """``Job.result`` of a succeeded ``generator_training`` job (written by the worker)."""
 
     generator_id: str
-    metrics: dict[str, Any] = {}
+    steps: int | None = None
+    final_loss: float | None = None

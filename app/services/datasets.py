@@ -70,10 +70,10 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
 
 def list_datasets(
     session: Session, settings: Settings, tenant_id: str, *, origin: Literal["real", "synthetic"] | None = None,
-    cursor: str | None = None, limit: int = 50,
+    cursor: str | None = None, limit: int | None = None,
 ) -> tuple[list[Dataset], str | None]:
     """One page of the tenant's datasets, newest first."""
-    check_limit(limit, settings.page_size_max)
+    limit = check_limit(limit, settings.page_size_max)
     stmt = select(Dataset).where(Dataset.tenant_id == tenant_id)
     if origin is not None:
         stmt = stmt.where(Dataset.origin == origin)
@@ -220,10 +220,10 @@ def _ready(ds: Dataset) -> str:
 
 def list_dataset_images(
     session: Session, store: ObjectStore, settings: Settings, tenant_id: str, dataset_id: str, *,
-    label: str | None = None, cursor: str | None = None, limit: int = 50,
+    label: str | None = None, cursor: str | None = None, limit: int | None = None,
 ) -> tuple[list[DatasetImage], str | None]:
     """One page of a dataset's manifest rows (optionally of one label) with a signed URL per image."""
-    check_limit(limit, settings.page_size_max)
+    limit = check_limit(limit, settings.page_size_max)
     ds = get_dataset(session, tenant_id, dataset_id)
     rows = _MANIFESTS.get(store, _ready(ds))
     if label is not None:

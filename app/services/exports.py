@@ -172,7 +172,7 @@ def folder_fingerprint(folder: Path) -> str:
 
 def safe_filename(name: str, default: str = "download") -> str:
     """A file name of ``[A-Za-z0-9._-]`` only (for ``Content-Disposition``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100]
+    cleaned = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", name)).strip("-.")[:100]
     return cleaned or default
 
 

@@ -12,6 +12,7 @@ from app.core.config import Settings
 from app.core.problems import Conflict, InvalidInput
 from app.db.orm import Generator, Job, JobKind
 from app.schemas.jobs import (
+    DEFAULT_STEPS,
     SEED_MAX,
     GenerationParams,
     GenerationRequest,
@@ -22,7 +23,7 @@ from app.services.datasets import get_dataset
 from app.services.jobs import submit_job
 from app.services.model_assets import default_generator, generator_labels, generator_resolution, get_generator
 
-UNLABELED = "unlabeled"
+UNLABELED = "unlabelled"  # the folder the worker writes unconditional images to
 
 
 def random_seed() -> int:
@@ -90,7 +91,8 @@ def plan_generation(session: Session, settings: Settings, tenant_id: str, req: G
     name = req.name or f"{gen.name}-synthetic-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     return GenerationParams(
         generator_id=gen.id, n=total, counts=counts, label_ids=label_ids, sampler=req.sampler,
-        num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+        num_inference_steps=req.num_inference_steps or DEFAULT_STEPS[req.sampler],
+        guidance_scale=req.guidance_scale,
         seed=req.seed if req.seed is not None else random_seed(),
         resolution=generator_resolution(gen.config or {}), name=name,
     )
@@ -127,9 +129,9 @@ def plan_generator_training(
 
 def create_generator_training(
     session: Session, settings: Settings, tenant_id: str, req: GeneratorTrainingRequest,
-    idempotency_key: str | None = None,
+    idempotency_key: str | None = None, *, enqueue: bool = True,
 ) -> tuple[Job, bool]:
     """Submit a generator-training job; returns ``(job, created)``."""
     return submit_job(session, settings, tenant_id, JobKind.generator_training, req,
                       lambda: plan_generator_training(session, settings, tenant_id, req),
-                      idempotency_key=idempotency_key, webhook_url=req.webhook_url)
+                      idempotency_key=idempotency_key, webhook_url=req.webhook_url, enqueue=enqueue)

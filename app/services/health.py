@@ -78,7 +78,8 @@ def job_counts(settings: Settings) -> dict[tuple[str, str], int]:
     """Jobs per ``(kind, status)``, every combination present (zeros included)."""
     counts = {(k.value, s.value): 0 for k in JobKind for s in JobStatus}
     with get_sessionmaker(settings.database_url)() as session:
-        for kind, status, n in session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)):
+        stmt = select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
+        for kind, status, n in session.execute(stmt):
             counts[(kind, status)] = int(n)
     return counts
 

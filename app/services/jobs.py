@@ -186,10 +186,10 @@ def list_jobs(
     kind: JobKind | None = None,
     status: JobStatus | None = None,
     cursor: str | None = None,
-    limit: int = 50,
+    limit: int | None = None,
 ) -> tuple[list[Job], str | None]:
     """One page of the tenant's jobs, newest first, optionally of one kind and/or status."""
-    check_limit(limit, settings.page_size_max)
+    limit = check_limit(limit, settings.page_size_max)
     stmt = select(Job).where(Job.tenant_id == tenant_id)
     if kind is not None:
         stmt = stmt.where(Job.kind == kind.value)

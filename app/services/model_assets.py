@@ -172,10 +172,10 @@ def get_asset(session: Session, model: type[AssetT], tenant_id: str, asset_id: s
 
 
 def list_assets(
-    session: Session, settings: Settings, model: type[AssetT], tenant_id: str, cursor: str | None, limit: int
+    session: Session, settings: Settings, model: type[AssetT], tenant_id: str, cursor: str | None, limit: int | None
 ) -> tuple[list[AssetT], str | None]:
     """One page of the tenant's and the built-in models, newest first."""
-    check_limit(limit, settings.page_size_max)
+    limit = check_limit(limit, settings.page_size_max)
     return paginate_newest_first(session, select(model).where(_visible(model, tenant_id)), model, cursor, limit)
 
 

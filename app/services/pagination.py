@@ -39,15 +39,20 @@ def decode_cursor(cursor: str) -> list[Any]:
     return parts
 
 
-def check_limit(limit: int, page_size_max: int) -> int:
-    """``limit`` must be within 1..page_size_max (422 otherwise)."""
+DEFAULT_PAGE_SIZE = 50
+
+
+def check_limit(limit: int | None, page_size_max: int) -> int:
+    """``limit`` within 1..page_size_max (422 otherwise); None = min(50, page_size_max)."""
+    if limit is None:
+        return min(DEFAULT_PAGE_SIZE, page_size_max)
     if not 1 <= limit <= page_size_max:
         raise InvalidInput(f"limit must be between 1 and {page_size_max}", slug="invalid-limit")
     return limit
 
 
 def paginate_newest_first(
-    session: Session, stmt: Select[tuple[T]], model: Any, cursor: str | None, limit: int
+    session: Session, stmt: Select[T], model: Any, cursor: str | None, limit: int
 ) -> tuple[list[T], str | None]:
     """Run ``stmt`` (a ``select(model)`` with its filters) one page at a time, newest first.
 

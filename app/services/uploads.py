@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
+import anyio
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import MultipartParseError
@@ -155,7 +156,8 @@ async def spool_multipart(
             received += len(chunk)
             if received > max_bytes:
                 raise PayloadTooLarge(f"the upload is over the limit of {max_bytes} bytes", limit=max_bytes)
-            parser.write(chunk)
+            # Parsing writes file parts to disk: off the event loop.
+            await anyio.to_thread.run_sync(parser.write, chunk)
         parser.finalize()
     except MultipartParseError as exc:
         raise InvalidInput("the multipart body is malformed", slug="malformed-multipart") from exc
@@ -309,7 +311,7 @@ def _check_zip_members(zf: zipfile.ZipFile, settings: Settings, where: str) -> l
             raise InvalidInput(f"{where}: member {name!r} is a symbolic link", slug="unsafe-path")
         if info.is_dir():
             continue
-        if mode and not stat.S_ISREG(mode):
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # device, fifo, socket... (0: no type recorded)
             raise InvalidInput(f"{where}: member {name!r} is not a regular file", slug="unsafe-path")
         if info.flag_bits & 0x1:
             raise InvalidInput(f"{where}: member {name!r} is encrypted", slug="malformed-zip")

@@ -28,7 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+
+# Concrete module imports (not the lazy top-level ``diffusers``) so mypy sees the real classes.
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.numpy import load_file as load_numpy_safetensors
@@ -248,7 +251,11 @@ def model_card(meta: Mapping[str, Any], notes: str = "", has_grid: bool = False)
     cfg = meta["training"]["config"]
     counts = ", ".join(f"{k}: {v:,}" for k, v in meta["training_data"]["counts"].items())
     labels = ", ".join(f"`{k}` = {v}" for k, v in meta["labels"].items()) or "none (unconditional)"
-    grid = "\n![samples](samples.png)\n\nRows: one per label, DPM-Solver++ 20 steps, guidance 2, seed 0.\n" if has_grid else ""
+    grid = (
+        "\n![samples](samples.png)\n\nRows: one per label, DPM-Solver++ 20 steps, guidance 2, seed 0.\n"
+        if has_grid
+        else ""
+    )
     return f"""# cxrsynth generator: {meta['training_data']['source']} at {meta['resolution']} px
 
 Diffusion model that generates synthetic grey-scale chest X-rays ({meta['resolution']}x{meta['resolution']}).

@@ -17,27 +17,28 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    UniPCMultistepScheduler,
-    UNet2DModel,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+# Concrete module imports (not the lazy top-level ``diffusers``) so mypy sees the real classes.
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
 from models.callbacks import OnStep, no_progress
 from models.device import autocast_for, pick_device
 
+# diffusers schedulers share no typed base class that declares step / set_timesteps / timesteps.
+Scheduler = Any
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
 OutputType = Literal["np", "pil", "pt"]
 
 #: sampler name -> (diffusers scheduler class, extra config overrides)
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+SAMPLERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
     # eta = 0 (deterministic DDIM); "trailing" spacing reaches t = T-1, where v-prediction on a
     # cosine schedule starts from (almost) pure noise.
@@ -64,7 +65,7 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def make_scheduler(base_config: Mapping[str, Any], sampler: str) -> SchedulerMixin:
+def make_scheduler(base_config: Mapping[str, Any], sampler: str) -> Scheduler:
     """A fresh diffusers scheduler of type ``sampler`` built from the trained scheduler's config.
 
     The training config supplies the noise schedule and prediction type; the sampler adds its own
@@ -74,7 +75,7 @@ def make_scheduler(base_config: Mapping[str, Any], sampler: str) -> SchedulerMix
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     cls, overrides = SAMPLERS[sampler]
     # from_config ignores keys the class does not know (e.g. DDPM's variance_type for DPM-Solver).
-    return cls.from_config(dict(base_config), **overrides)  # type: ignore[no-any-return]
+    return cls.from_config(dict(base_config), **overrides)
 
 
 def plan_generation(
@@ -149,18 +150,19 @@ class CXRDiffusionPipeline:
     def __init__(
         self,
         unet: UNet2DModel,
-        scheduler: SchedulerMixin,
+        scheduler: Scheduler,
         label_names: Sequence[str] = (),
         generator_id: str = "",
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.unet = unet.to(self.device).eval()
+        # cast: diffusers wraps ModelMixin.to with functools.wraps, which mypy mistypes.
+        self.unet: UNet2DModel = cast(Any, unet).to(self.device).eval()
         self.scheduler = scheduler
         self.label_names = tuple(label_names)
         self.generator_id = generator_id
-        self.resolution = int(unet.config.sample_size)
-        n_emb = unet.config.num_class_embeds
+        self.resolution = int(unet.config["sample_size"])
+        n_emb = unet.config["num_class_embeds"]
         self.conditional = n_emb is not None
         self.null_class_id: int | None = len(self.label_names) if self.conditional else None
         if self.conditional and n_emb != len(self.label_names) + 1:
@@ -184,9 +186,9 @@ class CXRDiffusionPipeline:
         meta = read_generator_metadata(path)
         unet = UNet2DModel.from_pretrained(path, torch_dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(path)
-        if int(meta["resolution"]) != int(unet.config.sample_size):
+        if int(meta["resolution"]) != int(unet.config["sample_size"]):
             raise ValueError(
-                f"{path}: cxrsynth.json says {meta['resolution']} px but the UNet is {unet.config.sample_size} px"
+                f"{path}: cxrsynth.json says {meta['resolution']} px but the UNet is {unet.config['sample_size']} px"
             )
         names = [name for name, _ in sorted(meta.get("labels", {}).items(), key=lambda kv: kv[1])]
         pipe = cls(unet, scheduler, names, generator_id=meta.get("generator_id") or path.name,
@@ -215,7 +217,7 @@ class CXRDiffusionPipeline:
         """Images per batch from free memory (CUDA) or RAM (CPU), capped where speed stops growing."""
         cfg = self.unet.config
         # Rough live activation bytes per image in inference mode (x2 for guidance's uncond half).
-        per_image = 2 * 4 * self.resolution**2 * max(cfg.block_out_channels) * 16
+        per_image = 2 * 4 * self.resolution**2 * max(cfg["block_out_channels"]) * 16
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(max(1, min(512, 0.5 * free // per_image)))
@@ -255,12 +257,14 @@ class CXRDiffusionPipeline:
         if (labels is None) == (num_images is None):
             raise ValueError("give exactly one of labels or num_images")
         if labels is not None:
-            label_list = [labels] if isinstance(labels, (str, int)) else list(labels)
+            label_list: list[str | int | None] = (
+                [labels] if isinstance(labels, (str, int)) else list(labels)
+            )
         else:
             assert num_images is not None
             if int(num_images) <= 0:
                 raise ValueError(f"num_images must be positive, got {num_images}")
-            label_list = [None] * int(num_images)
+            label_list = [None for _ in range(int(num_images))]
         if not label_list:
             raise ValueError("no images requested (labels is empty)")
         class_ids = [self.class_id(lab) for lab in label_list]

@@ -13,13 +13,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+
+# Concrete module imports (not the lazy top-level ``diffusers``) so mypy sees the real classes.
+from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from models.callbacks import Canceled, OnStep, no_progress
@@ -246,6 +249,7 @@ def train_generator(
     device: str = "auto",
     preview_dir: str | Path | None = None,
     preview_every: int = 0,
+    sample_grid: bool = True,
 ) -> TrainingResult:
     """Train a generator and export it to ``out_dir`` in diffusers format (EMA weights).
 
@@ -254,7 +258,8 @@ def train_generator(
     With ``checkpoint_dir`` the full training state is saved every ``config.checkpoint_every``
     steps; ``resume=True`` continues from it (on CPU, bit-for-bit the same as an uninterrupted
     run). ``on_step`` may raise :class:`Canceled`: the state is checkpointed, then it propagates.
-    ``out_dir=None`` skips the export (used to test resuming).
+    ``out_dir=None`` skips the export (used to test resuming); ``sample_grid`` adds ``samples.png``
+    to the export; ``preview_every`` > 0 writes a sample grid PNG to ``preview_dir`` that often.
     """
     td = _as_training_data(data, labels, label_names, config)
     dev = pick_device(device)
@@ -265,10 +270,10 @@ def train_generator(
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    unet = build_unet(config, num_labels).to(dev)
+    unet: UNet2DModel = cast(Any, build_unet(config, num_labels)).to(dev)  # cast: see pipeline
     unet.train()
     if dev.type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
+        unet = cast(Any, unet).to(memory_format=torch.channels_last)
     noise_scheduler = build_noise_scheduler(config)
     ema = EMAModel(
         unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
@@ -330,6 +335,7 @@ def train_generator(
                 "step": step,
                 "wall_seconds": wall_before + (time.perf_counter() - t_start),
                 "device": str(dev),
+                "device_words": _device_words(dev),
                 "losses": losses,
             },
             ckpt_dir,
@@ -386,15 +392,47 @@ def train_generator(
         from models.diffusion.export import export_generator
 
         result.out_dir = export_generator(
-            out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev)
+            out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev),
+            sample_grid=sample_grid,
         )
     return result
 
 
+def export_from_checkpoint(
+    checkpoint_dir: str | Path,
+    data: str | Path | TrainingData,
+    out_dir: str | Path,
+    notes: str = "",
+    sample_grid: bool = True,
+    device: str | None = None,
+) -> Path:
+    """Export the EMA weights of a checkpoint (e.g. of an interrupted run) as a generator directory.
+
+    ``data`` must be the training data of the run: its index and counts travel with the export.
+    """
+    from models.diffusion.export import export_generator
+
+    state = load_checkpoint(checkpoint_dir)
+    config = TrainingConfig.from_dict(state["config"])
+    td = data if isinstance(data, TrainingData) else load_training_data(data, config.resolution, config.aspect_mode)
+    if list(td.label_names) != list(state["label_names"]) or len(td.images) != state["data_summary"]["num_images"]:
+        raise ValueError("data does not match the checkpoint's training data (labels or image count differ)")
+    unet = build_unet(config, len(td.label_names))
+    unet.load_state_dict(state["unet"])
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+    ema.load_state_dict(state["ema"])
+    device = device or state.get("device_words") or state.get("device", "cpu")
+    return export_generator(
+        out_dir, unet, ema, config, td, steps=int(state["step"]), wall_seconds=float(state["wall_seconds"]),
+        device=str(device), notes=notes, sample_grid=sample_grid,
+    )
+
+
 def _device_words(dev: torch.device) -> str:
+    """Human-readable device for model cards, e.g. ``CPU, 2 cores (1 torch thread)``."""
     if dev.type == "cuda":
         return f"CUDA, {torch.cuda.get_device_name(dev)}"
-    return f"CPU, {torch.get_num_threads()} threads"
+    return f"CPU, {os.cpu_count()} cores ({torch.get_num_threads()} torch thread(s))"
 
 
 @torch.inference_mode()
@@ -406,7 +444,7 @@ def _write_preview(
     from models.diffusion.export import ema_unet
     from models.diffusion.pipeline import CXRDiffusionPipeline
 
-    model = ema_unet(ema, unet, dtype=torch.float32).to(dev)
+    model = cast(Any, ema_unet(ema, unet, dtype=torch.float32)).to(dev)
     pipe = CXRDiffusionPipeline(model, build_noise_scheduler(config), td.label_names, generator_id="preview")
     n_per = 8
     if td.conditional:
@@ -418,3 +456,57 @@ def _write_preview(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(out.images, path, ncols=n_per)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m models.diffusion.training --data DIR --out DIR [--resume]``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--data", required=True, help="ImageFolder (class-conditional) or folder of images")
+    ap.add_argument("--out", required=True, help="generator directory to export to")
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--steps", type=int, default=None, help="override max_steps")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--config", default=None, help="JSON file or string of TrainingConfig fields")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--preview-dir", default=None)
+    ap.add_argument("--preview-every", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=25)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        fields = json.loads(text)
+    if args.steps:
+        fields["max_steps"] = args.steps
+    if args.batch_size:
+        fields["batch_size"] = args.batch_size
+    config = TrainingConfig.from_dict(fields)
+    t0 = time.perf_counter()
+    last = [t0, 0]
+
+    def log(step: int, total: int, message: str) -> None:
+        if step % args.log_every == 0 or step == total:
+            now = time.perf_counter()
+            rate = (now - last[0]) / max(1, step - last[1])
+            last[0], last[1] = now, step
+            eta = rate * (total - step)
+            print(f"{time.strftime('%H:%M:%S')} step {step}/{total} {message} {rate:.2f} s/step eta {eta / 60:.1f} min",
+                  flush=True)
+
+    result = train_generator(
+        args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, resume=args.resume, on_step=log,
+        device=args.device, preview_dir=args.preview_dir, preview_every=args.preview_every,
+    )
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.0f} s, "
+          f"exported to {result.out_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -68,8 +68,8 @@ def ms_ssim_pairs(images_a: ImageBatch, images_b: ImageBatch, batch_size: int = 
     out = []
     with torch.inference_mode():
         for start in range(0, a.shape[0], batch_size):
-            pa = to_unit_float(a[start : start + batch_size]).double()
-            pb = to_unit_float(b[start : start + batch_size]).double()
+            pa = to_unit_float(a[start : start + batch_size])
+            pb = to_unit_float(b[start : start + batch_size])
             out.append(metric(pa, pb).reshape(-1).float())
     return torch.cat(out)
 

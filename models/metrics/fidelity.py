@@ -23,7 +23,7 @@ class ProbabilityModel(Protocol):
 
 
 def label_fidelity_from_proba(
-    probabilities: np.ndarray | torch.Tensor,
+    probabilities: np.ndarray | torch.Tensor | Sequence[float],
     targets: np.ndarray | torch.Tensor | Sequence[int],
     threshold: float = 0.5,
 ) -> dict[str, float | int]:
@@ -39,7 +39,7 @@ def label_fidelity_from_proba(
         binary_specificity,
     )
 
-    p = torch.as_tensor(np.asarray(probabilities) if isinstance(probabilities, np.ndarray) else probabilities)
+    p = torch.as_tensor(probabilities if isinstance(probabilities, torch.Tensor) else np.asarray(probabilities))
     p = p.detach().to("cpu", torch.float64).reshape(-1)
     if p.numel() == 0:
         raise ValueError("probabilities: empty")

@@ -19,16 +19,6 @@ from app.core.config import REPO_ROOT, Settings
 from tests.conftest import free_port
 
 
-@pytest.fixture(scope="session")
-def tiny_generator(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 32 px class-conditional generator trained for a few steps on a PneumoniaMNIST slice."""
-    from models.diffusion.testing import train_tiny_generator
-
-    out = tmp_path_factory.mktemp("tiny-generator") / "generator"
-    train_tiny_generator(out, shared_data / "pneumoniamnist" / "pneumoniamnist_28.npz")
-    return out
-
-
 def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     """Environment that makes a child process build exactly these settings (``CXRSYNTH_*``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_") or k.startswith("CXRSYNTH_TEST_")}

@@ -34,24 +34,15 @@ from worker.tasks.jobs import task_registry
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def tiny_generator_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.diffusion.testing import train_tiny_generator
-
-    out = tmp_path_factory.mktemp("tiny-gen") / "generator"
-    train_tiny_generator(out, shared_data / "pneumoniamnist" / "pneumoniamnist_28.npz")
-    return out
-
-
 @pytest.fixture
-def stack(settings_factory: Any, tmp_path: Path, tiny_generator_dir: Path) -> Iterator[dict[str, Any]]:
+def stack(settings_factory: Any, tmp_path: Path, tiny_generator: Path) -> Iterator[dict[str, Any]]:
     settings: Settings = settings_factory(tmp_path, stack="real", shard_size=3, webhook_backoff_s=0.05)
     migrate(settings.database_url)
     sessions = get_sessionmaker(settings.database_url)
-    meta = json.loads((tiny_generator_dir / "cxrsynth.json").read_text())
+    meta = json.loads((tiny_generator / "cxrsynth.json").read_text())
     with sessions() as s:
         tenant, _ = create_tenant(s, f"hospital-{tmp_path.name}")
-        gen = Generator(tenant_id=tenant.id, name="tiny", builtin_path=str(tiny_generator_dir), config=meta)
+        gen = Generator(tenant_id=tenant.id, name="tiny", builtin_path=str(tiny_generator), config=meta)
         s.add(gen)
         s.commit()
         yield {"settings": settings, "sessions": sessions, "tenant": tenant, "generator": gen}

@@ -165,9 +165,17 @@ def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
             return
         if JobStatus(job.status).terminal:
             return
+        canceled_dataset = (job.result or {}).get("dataset_id") if job.cancel_requested else None
         if job.cancel_requested:
             mark_canceled(s, job)
             shard.status = JobStatus.canceled.value
+    if canceled_dataset is not None:
+        _delete_partial(ctx, canceled_dataset)
+        return
+    with ctx.sessions.begin() as s:
+        job = load_job(s, job_id)
+        shard = s.get(JobShard, (job_id, shard_index))
+        if job is None or shard is None or JobStatus(job.status).terminal:
             return
         shard.attempts += 1
         if shard.attempts > ctx.settings.max_task_attempts:

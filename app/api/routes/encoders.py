@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/encoders", tags=["encoders"])
 
 @router.get("", response_model=Page[EncoderOut], responses=problem_responses(401, 422))
 def list_encoders(
-    tenant: TenantDep, session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = 50
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = None
 ) -> Page[EncoderOut]:
     """The tenant's encoders and the built-in ones, newest first."""
     rows, next_cursor = svc.list_assets(session, settings, Encoder, tenant.id, cursor, limit)

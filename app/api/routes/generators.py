@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/generators", tags=["generators"])
 
 @router.get("", response_model=Page[GeneratorOut], responses=problem_responses(401, 422))
 def list_generators(
-    tenant: TenantDep, session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = 50
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep, cursor: CursorQuery = None, limit: LimitQuery = None
 ) -> Page[GeneratorOut]:
     """The tenant's generators and the built-in ones, newest first."""
     rows, next_cursor = svc.list_assets(session, settings, Generator, tenant.id, cursor, limit)

@@ -20,13 +20,13 @@ from app.services import jobs as svc
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 CursorQuery = Annotated[str | None, Query(max_length=500, description="next_cursor of the previous page")]
-LimitQuery = Annotated[int, Query(ge=1, description="Page size (at most page_size_max)")]
+LimitQuery = Annotated[int | None, Query(ge=1, description="Page size (default 50, at most page_size_max)")]
 
 
 @router.get("", response_model=Page[JobOut], responses=problem_responses(401, 422))
 def list_jobs(
     tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-    kind: JobKind | None = None, status: JobStatus | None = None, cursor: CursorQuery = None, limit: LimitQuery = 50,
+    kind: JobKind | None = None, status: JobStatus | None = None, cursor: CursorQuery = None, limit: LimitQuery = None,
 ) -> Page[JobOut]:
     """The tenant's jobs, newest first (ties broken by id), optionally of one kind and/or status."""
     rows, next_cursor = svc.list_jobs(session, settings, tenant.id, kind=kind, status=status, cursor=cursor,

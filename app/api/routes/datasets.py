@@ -1,0 +1,121 @@
+"""``/v1/datasets``: upload or register real images, list, read, page thumbnails, download, delete."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.routes.jobs import CursorQuery, LimitQuery
+from app.core.problems import PayloadTooLarge, problem_responses
+from app.schemas.common import DownloadLink, Page
+from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat, RegisterDatasetRequest
+from app.services import datasets as svc
+from app.services.uploads import prepare_images, spool_multipart
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                         "description": "A zip of an ImageFolder (LABEL/*.png|jpg), and/or single images."},
+                "label": {"type": "string", "description": "Label of loose images (required for them)."},
+                "name": {"type": "string", "description": "Dataset name (default: the first file's name)."},
+            },
+            "required": ["file"],
+        }}},
+    }
+}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=_UPLOAD_BODY,
+             responses=problem_responses(401, 413, 415, 422))
+async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
+                         settings: SettingsDep) -> DatasetOut:
+    """Upload real images: a zip of an ImageFolder and/or single PNG/JPEG files (+ ``label``).
+
+    The body is streamed to a temp folder (413 past ``max_upload_bytes``); every image is sniffed from its
+    bytes, checked against ``max_image_pixels`` and converted to an 8-bit grey PNG; zips are checked for
+    bombs (total size, compression ratio, member count) and unsafe names. Anything rejected leaves no
+    trace. Labels are folder names lower-cased.
+    """
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"the upload is over the limit of {settings.max_upload_bytes} bytes",
+                              limit=settings.max_upload_bytes)
+    # Hand the auth query's connection back to the pool while the (possibly long) body streams in.
+    await run_in_threadpool(session.commit)
+    workdir = Path(await run_in_threadpool(tempfile.mkdtemp, prefix="cxr-upload-"))
+    try:
+        (workdir / "parts").mkdir()
+        form = await spool_multipart(request.stream(), request.headers.get("content-type"), workdir / "parts",
+                                     settings.max_upload_bytes)
+        images = await run_in_threadpool(prepare_images, form, settings, workdir / "images")
+        default_name = PurePosixPath(form.files[0].filename or "upload").stem or "upload"
+        name = form.fields.get("name") or default_name
+        ds = await run_in_threadpool(svc.create_uploaded_dataset, session, store, tenant.id, name, images)
+    finally:
+        await run_in_threadpool(shutil.rmtree, workdir, True)
+    return svc.dataset_out(ds)
+
+
+@router.post("/register", status_code=201, response_model=DatasetOut, responses=problem_responses(401, 422))
+def register_dataset(body: RegisterDatasetRequest, tenant: TenantDep, session: SessionDep, store: StoreDep,
+                     settings: SettingsDep) -> DatasetOut:
+    """Register images already under ``tenants/{your tenant}/...`` in object storage (``PREFIX/LABEL/NAME``).
+    Each object is sniffed and hashed into a manifest; nothing is copied."""
+    return svc.dataset_out(svc.register_dataset(session, store, settings, tenant.id, body.name, body.prefix))
+
+
+@router.get("", response_model=Page[DatasetOut], responses=problem_responses(401, 422))
+def list_datasets(
+    tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+    origin: Literal["real", "synthetic"] | None = None, cursor: CursorQuery = None, limit: LimitQuery = None,
+) -> Page[DatasetOut]:
+    """The tenant's datasets, newest first."""
+    rows, next_cursor = svc.list_datasets(session, settings, tenant.id, origin=origin, cursor=cursor, limit=limit)
+    return Page[DatasetOut](items=[svc.dataset_out(d) for d in rows], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(401, 404))
+def get_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetOut:
+    """A dataset: counts per label, manifest key, card."""
+    return svc.dataset_out(svc.get_dataset(session, tenant.id, dataset_id))
+
+
+@router.get("/{dataset_id}/images", response_model=Page[DatasetImage], responses=problem_responses(401, 404, 409, 422))
+def list_images(
+    dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    label: Annotated[str | None, Query(max_length=100)] = None, cursor: CursorQuery = None, limit: LimitQuery = None,
+) -> Page[DatasetImage]:
+    """Manifest rows in manifest order with a short-lived signed URL per image (the thumbnail pager)."""
+    items, next_cursor = svc.list_dataset_images(session, store, settings, tenant.id, dataset_id, label=label,
+                                                 cursor=cursor, limit=limit)
+    return Page[DatasetImage](items=items, next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}/download", response_model=DownloadLink, responses=problem_responses(401, 404, 409, 422))
+def download_dataset(
+    dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
+    format: DownloadFormat = "zip",
+) -> DownloadLink:
+    """A short-lived signed URL of the dataset as a zip (``LABEL/NAME.png`` + ``manifest.csv``).
+    ``webdataset`` and ``dicom`` are not available yet (409)."""
+    return svc.dataset_download(session, store, settings, tenant.id, dataset_id, format)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses=problem_responses(401, 404, 409))
+def delete_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep) -> Response:
+    """Delete a real dataset and its objects. Synthetic datasets are immutable (409)."""
+    svc.delete_dataset(session, store, tenant.id, dataset_id)
+    return Response(status_code=204)

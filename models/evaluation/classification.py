@@ -1,0 +1,334 @@
+"""Pneumonia-vs-normal classification on top of an encoder: linear probe or fine-tuning.
+
+Protocol (the same for every arm of the paper table, so arms differ only by the encoder):
+
+1. Train and test come from two ImageFolder folders (``<label>/*.png|jpg``), two classes.
+2. A validation split is carved from the training folder: patient-level, stratified, seeded
+   (:func:`models.evaluation.splits.validation_split`); the label fraction subsamples the rest.
+3. Model selection on validation AUC only: the L2 strength ``C`` of the linear probe, or the epoch
+   of fine-tuning. The decision threshold is chosen on the validation scores too (Youden's J by
+   default, or F1-max).
+4. The test folder is scored once, by the selected model at the selected threshold: AUC, F1,
+   accuracy, sensitivity, specificity with stratified bootstrap 95% CIs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.callbacks import OnStep, no_progress
+from models.data.folders import ImageRecord, images_to_array, list_image_folder
+from models.device import autocast_for, pick_device
+from models.evaluation.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
+from models.evaluation.encoders import EvalEncoder, extract_features, resolve_encoder
+from models.evaluation.metrics import (
+    ThresholdRule,
+    auc_rows,
+    choose_threshold,
+    classification_metrics,
+    classification_metrics_with_ci,
+)
+from models.evaluation.splits import TrainValSplit, validation_split
+from models.ssl.augment import finetune_augmentation, normalize, to_unit_float
+
+EvalMode = Literal["linear", "finetune"]
+REPORT_FORMAT = "cxrsynth-evaluation/1"
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    """Settings of a classification evaluation other than the encoder, the data, the mode and the fraction."""
+
+    val_fraction: float = 0.2
+    threshold_rule: ThresholdRule = "youden"
+    resolution: int | None = None  # None: the encoder's pretraining resolution
+    positive_label: str = "pneumonia"
+    seed: int = 0
+    # linear probe: L2-regularised logistic regression on frozen, standardised features
+    linear_c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    # fine-tuning: encoder + linear head, class-weighted BCE, AdamW, cosine schedule
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-4  # encoder
+    head_learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    augment: bool = True
+    # scratch baseline
+    scratch_model: str = "resnet18"
+    scratch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # reporting
+    n_resamples: int = DEFAULT_RESAMPLES
+    confidence: float = DEFAULT_CONFIDENCE
+    feature_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("need epochs >= 1 and batch_size >= 2")
+        if not self.linear_c_grid:
+            raise ValueError("linear_c_grid must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def binary_labels(
+    records: Sequence[ImageRecord], positive_label: str, where: str
+) -> tuple[np.ndarray, tuple[str, str]]:
+    """0/1 labels of an ImageFolder with exactly two classes; ``positive_label`` is 1 when present,
+    else the second name in sorted order. Raises ``ValueError`` for unlabelled or one-class folders."""
+    names = sorted({r.label for r in records if r.label is not None})
+    if not names:
+        raise ValueError(f"{where}: images must be in class sub-folders (ImageFolder layout), found loose images")
+    if len(names) == 1:
+        raise ValueError(f"{where}: only one class ({names[0]!r}); need two (e.g. normal/ and pneumonia/)")
+    if len(names) > 2:
+        raise ValueError(f"{where}: {len(names)} classes {names}; binary evaluation needs exactly two")
+    pos = positive_label if positive_label in names else names[1]
+    neg = names[0] if names[1] == pos else names[1]
+    return np.array([int(r.label == pos) for r in records], dtype=np.int64), (neg, pos)
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def evaluate_classification(
+    encoder: str | Path | EvalEncoder,
+    train_data: str | Path,
+    test_data: str | Path,
+    *,
+    mode: EvalMode = "linear",
+    label_fraction: float = 1.0,
+    config: ClassificationConfig | None = None,
+    json_path: str | Path | None = None,
+    on_step: OnStep = no_progress,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``encoder`` (an encoder directory, ``"scratch"`` or ``"scratch:<timm name>"``) on
+    pneumonia vs normal; returns the report dict (and writes it as JSON to ``json_path``).
+
+    Raises ``ValueError`` for an empty folder, a one-class folder, a corrupt image, or test == train.
+    """
+    cfg = config or ClassificationConfig()
+    if mode not in ("linear", "finetune"):
+        raise ValueError(f"mode must be 'linear' or 'finetune', got {mode!r}")
+    if _same_folder(train_data, test_data):
+        raise ValueError("test_data is the training folder: give a separate test folder")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    train_records = list_image_folder(train_data)
+    test_records = list_image_folder(test_data)
+    y_pool, names = binary_labels(train_records, cfg.positive_label, f"training folder {train_data}")
+    y_test, test_names = binary_labels(test_records, names[1], f"test folder {test_data}")
+    if set(test_names) != set(names):
+        raise ValueError(f"test classes {test_names} differ from training classes {names}")
+
+    enc = resolve_encoder(encoder, scratch_model=cfg.scratch_model, scratch_kwargs=cfg.scratch_kwargs,
+                          resolution=cfg.resolution, seed=cfg.seed)
+    split: TrainValSplit[ImageRecord] = validation_split(
+        train_records, val_fraction=cfg.val_fraction, label_fraction=label_fraction, seed=cfg.seed)
+    index = {r.path: i for i, r in enumerate(train_records)}
+    y_train = y_pool[[index[r.path] for r in split.train]]
+    y_val = y_pool[[index[r.path] for r in split.val]]
+    for part, y in (("training", y_train), ("validation", y_val)):
+        if y.min() == y.max():
+            raise ValueError(f"the {part} split has one class only; use more images or a larger fraction")
+
+    # Decode everything up front (fails fast on a corrupt file); the test pixels are not looked at
+    # until the selected model scores them at the end.
+    res, aspect = enc.resolution, enc.aspect_mode
+    x_train = images_to_array([r.path for r in split.train], res, aspect, threads=2)  # type: ignore[arg-type]
+    x_val = images_to_array([r.path for r in split.val], res, aspect, threads=2)  # type: ignore[arg-type]
+    x_test = images_to_array([r.path for r in test_records], res, aspect, threads=2)  # type: ignore[arg-type]
+
+    if mode == "linear":
+        selection, val_scores, score_test = _linear_probe(enc, x_train, y_train, x_val, y_val, cfg, dev, on_step)
+    else:
+        selection, val_scores, score_test = _finetune(enc, x_train, y_train, x_val, y_val, cfg, dev, on_step)
+
+    threshold = choose_threshold(val_scores, y_val, cfg.threshold_rule)
+    validation = classification_metrics(val_scores, y_val, threshold)
+    test_scores = score_test(x_test)
+    metrics = classification_metrics_with_ci(
+        test_scores, y_test, threshold, n_resamples=cfg.n_resamples, confidence=cfg.confidence, seed=cfg.seed
+    )
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "task": "classification",
+        "mode": mode,
+        "label_fraction": label_fraction,
+        "encoder": enc.describe(),
+        "train_data": str(train_data),
+        "test_data": str(test_data),
+        "labels": {"negative": names[0], "positive": names[1]},
+        "resolution": res,
+        "split": {
+            **split.summary(lambda r: r.label),
+            "val_patients": len({r.patient_id for r in split.val}),
+            "test": len(test_records),
+            "test_counts": {names[0]: int((y_test == 0).sum()), names[1]: int((y_test == 1).sum())},
+            "patient_level": True,
+            "val_fraction": cfg.val_fraction,
+        },
+        "model_selection": {"criterion": "validation AUC", **selection},
+        "threshold": {"rule": cfg.threshold_rule, "value": threshold, "chosen_on": "validation"},
+        "validation": validation,
+        "metrics": {k: v.to_dict() for k, v in metrics.items()},
+        "bootstrap": {"method": "percentile, stratified by class", "n_resamples": cfg.n_resamples,
+                      "confidence": cfg.confidence, "seed": cfg.seed},
+        "config": cfg.to_dict(),
+        "device": str(dev),
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if json_path is not None:
+        write_report(report, json_path)
+    return report
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write an evaluation report as indented JSON (parent folders created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    tmp.replace(p)
+    return p
+
+
+def _linear_probe(
+    enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
+) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Frozen features + scikit-learn logistic regression; ``C`` chosen by validation AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    module = enc.module.to(dev)
+    total = len(cfg.linear_c_grid) + 2
+    f_train = extract_features(module, x_train, enc.mean, enc.std, dev, cfg.feature_batch_size)
+    on_step(1, total, "features: training split")
+    f_val = extract_features(module, x_val, enc.mean, enc.std, dev, cfg.feature_batch_size)
+    on_step(2, total, "features: validation split")
+    scaler = StandardScaler().fit(f_train)
+    z_train, z_val = scaler.transform(f_train), scaler.transform(f_val)
+    candidates: list[dict[str, float]] = []
+    best: tuple[float, Any] | None = None
+    for i, c in enumerate(cfg.linear_c_grid):
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+        clf.fit(z_train, y_train)
+        auc = float(auc_rows(clf.predict_proba(z_val)[:, 1], y_val)[0])
+        candidates.append({"C": c, "validation_auc": auc})
+        if best is None or auc > best[0]:  # ties keep the smaller C (stronger regularisation)
+            best = (auc, clf)
+        on_step(3 + i, total, f"linear probe C={c:g}: validation AUC {auc:.4f}")
+    assert best is not None
+    clf = best[1]
+    val_scores = clf.predict_proba(z_val)[:, 1]
+
+    def score(images: np.ndarray) -> np.ndarray:
+        feats = extract_features(module, images, enc.mean, enc.std, dev, cfg.feature_batch_size)
+        return np.asarray(clf.predict_proba(scaler.transform(feats))[:, 1])
+
+    selection = {"chosen": {"C": float(clf.C)}, "validation_auc": best[0], "candidates": candidates,
+                 "head": "logistic regression (L2, class-balanced) on standardised frozen features"}
+    return selection, val_scores, score
+
+
+class _Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).squeeze(1)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, images: np.ndarray, enc: EvalEncoder, dev: torch.device, batch: int) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = normalize(to_unit_float(torch.from_numpy(images[i : i + batch]).to(dev)), enc.mean, enc.std)
+        with autocast_for(dev):
+            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a trailing batch of one is dropped (batch norm needs two images)."""
+    perm = torch.randperm(n, generator=gen)
+    chunks = list(perm.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < 2:
+        chunks.pop()
+    return chunks
+
+
+def _finetune(
+    enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
+) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Encoder + linear head trained end to end; the epoch with the best validation AUC is kept."""
+    from lightly.utils.scheduler import CosineWarmupScheduler
+
+    torch.manual_seed(cfg.seed)
+    model = _Classifier(enc.fresh_copy(), enc.num_features).to(dev)
+    augment = finetune_augmentation(enc.resolution).to(dev) if cfg.augment else None
+    optimizer = torch.optim.AdamW(
+        [{"params": model.backbone.parameters(), "lr": cfg.learning_rate},
+         {"params": model.head.parameters(), "lr": cfg.head_learning_rate}],
+        weight_decay=cfg.weight_decay,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = len(_batches(len(x_train), cfg.batch_size, torch.Generator().manual_seed(0)))
+    total = per_epoch * cfg.epochs
+    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=min(per_epoch, total // 10), max_epochs=total)
+    n_pos = int(y_train.sum())
+    # Class-weighted loss: Kermany is ~3:1 pneumonia:normal; weighting keeps the head from ignoring normals.
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y_train) - n_pos) / max(1, n_pos), device=dev))
+    images, targets = torch.from_numpy(x_train), torch.from_numpy(y_train).float()
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, float]] = []
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for idx in _batches(len(x_train), cfg.batch_size, gen):
+            x = to_unit_float(images[idx].to(dev))
+            if augment is not None:
+                x = augment(x)
+            x = normalize(x, enc.mean, enc.std)
+            with autocast_for(dev):
+                logits = model(x)
+            loss = loss_fn(logits.float(), targets[idx].to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            on_step(step, total, f"fine-tune epoch {epoch}/{cfg.epochs} loss {loss.item():.4f}")
+        val_auc = float(auc_rows(_predict(model, x_val, enc, dev, cfg.feature_batch_size), y_val)[0])
+        history.append({"epoch": epoch, "validation_auc": val_auc})
+        if best is None or val_auc > best[0]:  # ties keep the earlier epoch
+            best = (val_auc, epoch, copy.deepcopy(model.state_dict()))
+    assert best is not None
+    model.load_state_dict(best[2])
+    val_scores = _predict(model, x_val, enc, dev, cfg.feature_batch_size)
+
+    def score(images_: np.ndarray) -> np.ndarray:
+        return _predict(model, images_, enc, dev, cfg.feature_batch_size)
+
+    selection = {"chosen": {"epoch": best[1]}, "validation_auc": best[0], "candidates": history,
+                 "head": "linear head on the fine-tuned encoder, class-weighted BCE"}
+    return selection, val_scores, score

@@ -1,0 +1,170 @@
+"""Batched, on-device augmentations of grey chest radiographs with kornia (SSL views and fine-tuning).
+
+Every transform runs on whole ``(B, 1, H, W)`` float batches on the training device with per-image
+random parameters, so the data loader only decodes uint8 pixels and the GPU does the rest.
+
+What is in, and why (each line of :func:`xray_augmentation` repeats the reason briefly):
+
+* Random resized crop: radiographs differ in collimation, field of view and patient size; crops teach
+  invariance to framing. Global crops keep >= 40% of the image so most of the lung field survives.
+* Small rotation (+-10 degrees): patient positioning tilts the thorax a few degrees; larger angles
+  never occur in PA/AP films and would waste capacity.
+* Brightness / contrast / gamma: exposure (kVp, mAs), detector and vendor look-up tables change the
+  grey-level curve from site to site; the anatomy does not.
+* Gaussian blur: detector sharpness, focal-spot size and downsampling differ between machines.
+* Solarize (DINO's second global view only): inverts the bright range; a mild "polarity" change
+  that also occurs for real (MONOCHROME1 vs MONOCHROME2 DICOMs shown without their LUT).
+
+What is out, and why:
+
+* No hue / saturation / colour jitter and no grey-scale conversion: the images have one channel,
+  colour is undefined.
+* No horizontal flip by default: chest anatomy is not mirror-symmetric (heart, aortic knob and
+  stomach bubble on the patient's left, liver dome on the right); flip invariance would erase
+  laterality, which is itself a finding (dextrocardia, side of a consolidation).
+* No vertical flip or large rotations: never seen in clinical chest films.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Parameters of one view's augmentation; probabilities are per image."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation_degrees: float = 10.0
+    rotation_p: float = 0.5
+    brightness: float = 0.2  # factor in [1 - b, 1 + b]
+    contrast: float = 0.2
+    intensity_p: float = 0.8
+    gamma: tuple[float, float] = (0.8, 1.25)
+    gamma_p: float = 0.5
+    blur_p: float = 0.5
+    blur_sigma_at_224: tuple[float, float] = (0.1, 2.0)  # DINO's range, scaled with the crop size
+    solarize_p: float = 0.0
+    horizontal_flip_p: float = 0.0  # off on purpose, see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError("size must be >= 8")
+        for name in ("rotation_p", "intensity_p", "gamma_p", "blur_p", "solarize_p", "horizontal_flip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]")
+
+
+def _blur_params(cfg: AugmentConfig) -> tuple[int, tuple[float, float]]:
+    """Blur sigma scaled from DINO's 224 px range to this crop size, and an odd kernel covering 3 sigma."""
+    scale = cfg.size / 224
+    lo = max(0.1, cfg.blur_sigma_at_224[0] * scale)
+    hi = max(lo, cfg.blur_sigma_at_224[1] * scale)
+    kernel = max(3, 2 * math.ceil(3 * hi) + 1)
+    return kernel, (lo, hi)
+
+
+def xray_augmentation(cfg: AugmentConfig) -> K.AugmentationSequential:
+    """The kornia pipeline of one view (float ``[0, 1]`` in, float ``[0, 1]`` at ``cfg.size`` out)."""
+    kernel, sigma = _blur_params(cfg)
+    b, c = cfg.brightness, cfg.contrast
+    ops: list[Any] = [
+        # Framing / collimation / patient size vary: crop and rescale to the view size.
+        K.RandomResizedCrop((cfg.size, cfg.size), scale=cfg.crop_scale, ratio=cfg.crop_ratio),
+        # Positioning tilts the chest a few degrees; never more than ~10 in PA/AP films.
+        K.RandomRotation(degrees=cfg.rotation_degrees, p=cfg.rotation_p),
+        # Exposure and vendor grey-level curves differ: brightness, contrast, then gamma.
+        K.RandomBrightness(brightness=(1 - b, 1 + b), p=cfg.intensity_p),
+        K.RandomContrast(contrast=(1 - c, 1 + c), p=cfg.intensity_p),
+        K.RandomGamma(gamma=cfg.gamma, p=cfg.gamma_p),
+    ]
+    if cfg.blur_p > 0:
+        # Detector sharpness and resampling differ between machines.
+        ops.append(K.RandomGaussianBlur(kernel_size=(kernel, kernel), sigma=sigma, p=cfg.blur_p))
+    if cfg.solarize_p > 0:
+        # Inverted bright range (MONOCHROME1 shown without its LUT); DINO's second global view only.
+        ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=cfg.solarize_p))
+    if cfg.horizontal_flip_p > 0:
+        # Off by default: anatomy is not mirror-symmetric (see module docstring); opt-in only.
+        ops.append(K.RandomHorizontalFlip(p=cfg.horizontal_flip_p))
+    return K.AugmentationSequential(*ops)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, 1, H, W)`` or ``(B, H, W)`` pixels -> float32 ``(B, 1, H, W)`` in ``[0, 1]``."""
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, H, W) grey images, got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)
+
+
+class XRayAugment(nn.Module):
+    """One augmented view of a batch: ``(B, 1, H, W)`` uint8 or ``[0, 1]`` float -> float ``[0, 1]``."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pipeline = xray_augmentation(cfg)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.pipeline(to_unit_float(images))
+        return out.clamp_(0.0, 1.0)
+
+
+class MultiViewAugment(nn.Module):
+    """Several independently augmented views of the same batch (SSL): a list of ``[0, 1]`` tensors."""
+
+    def __init__(self, views: list[AugmentConfig]) -> None:
+        super().__init__()
+        if not views:
+            raise ValueError("need at least one view")
+        self.views = nn.ModuleList(XRayAugment(v) for v in views)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = to_unit_float(images)
+        return [view(x) for view in self.views]
+
+
+def dino_views(
+    global_size: int,
+    local_size: int,
+    n_local: int,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+) -> MultiViewAugment:
+    """DINO multi-crop: 2 global views (first always blurred, second rarely blurred but sometimes
+    solarized, as in Caron et al. 2021) and ``n_local`` small local views (blur p=0.5)."""
+    g1 = AugmentConfig(size=global_size, crop_scale=global_scale, blur_p=1.0)
+    g2 = AugmentConfig(size=global_size, crop_scale=global_scale, blur_p=0.1, solarize_p=0.2)
+    loc = AugmentConfig(size=local_size, crop_scale=local_scale, blur_p=0.5)
+    return MultiViewAugment([g1, g2] + [loc] * n_local)
+
+
+def simclr_views(size: int, crop_scale: tuple[float, float] = (0.4, 1.0)) -> MultiViewAugment:
+    """SimCLR: two views from the same distribution (blur p=0.5, no solarize)."""
+    cfg = AugmentConfig(size=size, crop_scale=crop_scale, blur_p=0.5)
+    return MultiViewAugment([cfg, cfg])
+
+
+def finetune_augmentation(size: int) -> XRayAugment:
+    """Mild augmentation for supervised fine-tuning: keeps >= 70% of the image, no blur/solarize."""
+    return XRayAugment(
+        AugmentConfig(size=size, crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), brightness=0.1, contrast=0.1,
+                      intensity_p=0.5, gamma=(0.9, 1.1), gamma_p=0.3, blur_p=0.0)
+    )
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``(x - mean) / std`` on ``[0, 1]`` pixels: the encoder's input convention (in its config.json)."""
+    return (images - mean) / std

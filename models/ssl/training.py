@@ -1,0 +1,254 @@
+"""The pretraining loop shared by DINO and SimCLR: data, on-device views, AdamW, checkpoints, export.
+
+:func:`pretrain` takes an image folder, a uint8 array or a Dataset, trains the method named in the
+:class:`~models.ssl.config.PretrainConfig`, checkpoints atomically (resuming is bit-for-bit exact on
+CPU), reports progress through ``on_step`` (which may raise :class:`~models.callbacks.Canceled`) and
+exports the encoder with :func:`~models.ssl.export.export_encoder`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightly.utils.scheduler import CosineWarmupScheduler
+from timm.optim import param_groups_weight_decay
+from torch.utils.data import DataLoader, Dataset
+
+from models.callbacks import Canceled, OnStep, no_progress
+from models.device import autocast_for, pick_device
+from models.ssl.augment import normalize
+from models.ssl.backbones import backbone_kwargs, create_backbone
+from models.ssl.base import SSLModel
+from models.ssl.config import PretrainConfig
+from models.ssl.data import DataSummary, StepBatchSampler, pretraining_dataset
+from models.ssl.dino import DINO
+from models.ssl.simclr import SimCLR
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "cxrsynth-ssl-checkpoint/1"
+
+
+@dataclass
+class PretrainResult:
+    """What a finished pretraining run produced (``out_dir`` is ``None`` when export was skipped)."""
+
+    out_dir: Path | None
+    method: str
+    backbone: str
+    steps: int
+    final_loss: float
+    wall_seconds: float
+    device: str
+    data: DataSummary
+    losses: list[float] = field(default_factory=list)
+
+
+def build_ssl_model(config: PretrainConfig) -> SSLModel:
+    """A fresh DINO or SimCLR model on a randomly initialised timm backbone (``in_chans=1``)."""
+    backbone = create_backbone(config.backbone, config.resolution, config.backbone_kwargs)
+    if config.method == "dino":
+        return DINO(backbone, config)
+    return SimCLR(backbone, config)
+
+
+def save_checkpoint_atomic(payload: dict[str, Any], checkpoint_dir: str | Path) -> Path:
+    """Write ``checkpoint.pt`` via a temporary file, fsync and ``os.replace`` (never half-written)."""
+    d = Path(checkpoint_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / CHECKPOINT_NAME
+    tmp = d / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`pretrain` (CPU tensors)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    # weights_only=False: the checkpoint holds numpy / python RNG states, and it is our own file.
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an SSL checkpoint (format {state.get('format')!r})")
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _device_words(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"CUDA, {torch.cuda.get_device_name(dev)}"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def pretrain(
+    data: str | Path | np.ndarray | Dataset[Any],
+    config: PretrainConfig,
+    out_dir: str | Path | None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: OnStep = no_progress,
+    device: str = "auto",
+    *,
+    notes: str = "",
+) -> PretrainResult:
+    """Self-supervised pretraining of a timm backbone on grey X-rays; exports the encoder to ``out_dir``.
+
+    ``data``: an image folder (ImageFolder or loose images; labels are ignored), an (N, H, W) uint8
+    array (resized to ``config.resolution``) or a Dataset of uint8 images at that resolution.
+    Optimiser: AdamW (no weight decay on biases and norms, timm's ``param_groups_weight_decay``) with
+    linear warm-up then cosine decay (lightly's ``CosineWarmupScheduler``), gradient clipping; bf16
+    autocast on CUDA only. With ``checkpoint_dir`` the full state is saved every
+    ``config.checkpoint_every`` steps and at the end; ``resume=True`` continues from it. When
+    ``on_step`` raises :class:`Canceled` the state is checkpointed, then the exception propagates.
+    ``out_dir=None`` skips the export.
+    """
+    dataset, summary = pretraining_dataset(data, config.resolution, config.aspect_mode, config.cache_limit_mb)
+    dev = pick_device(device)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = build_ssl_model(config).to(dev)
+    model.train()
+    views = model.views().to(dev)
+    groups = param_groups_weight_decay(model.trainable_modules(), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    scheduler = CosineWarmupScheduler(
+        optimizer, warmup_epochs=config.warmup_steps, max_epochs=config.max_steps,
+        end_value=config.min_learning_rate / config.learning_rate,
+    )
+
+    step = 0
+    wall_before = 0.0
+    losses: list[float] = []
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        if ckpt_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        state = load_checkpoint(ckpt_dir)
+        if state["config"] != config.to_dict():
+            raise ValueError("the checkpoint was written with a different PretrainConfig")
+        if state["data"]["num_images"] != summary.num_images:
+            raise ValueError(
+                f"the checkpoint was trained on {state['data']['num_images']} images, "
+                f"this data has {summary.num_images}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        wall_before = float(state["wall_seconds"])
+        losses = list(state["losses"])
+
+    t_start = time.perf_counter()
+
+    def checkpoint() -> None:
+        if ckpt_dir is None:
+            return
+        save_checkpoint_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.to_dict(),
+                "data": summary.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "step": step,
+                "wall_seconds": wall_before + (time.perf_counter() - t_start),
+                "losses": losses,
+                "device": str(dev),
+            },
+            ckpt_dir,
+        )
+
+    total = config.max_steps
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, step, total)  # type: ignore[arg-type]
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.num_workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False,
+        # Its own generator: a DataLoader otherwise draws a base seed from the global RNG, which
+        # would shift the augmentation draws of a resumed run.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    try:
+        for batch in loader:
+            x = batch.to(dev, non_blocking=True)
+            crops = [normalize(v, config.norm_mean, config.norm_std) for v in views(x)]
+            with autocast_for(dev):
+                loss = model.training_loss(crops, step, total)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_modules().parameters(), config.grad_clip_norm)
+            model.before_optimizer_step(step, total)
+            optimizer.step()
+            scheduler.step()
+            model.after_optimizer_step(step, total)
+            step += 1
+            losses.append(float(loss.item()))
+            if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
+                checkpoint()
+            on_step(step, total, f"{config.method} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+    except Canceled:
+        checkpoint()
+        raise
+
+    wall = wall_before + (time.perf_counter() - t_start)
+    result = PretrainResult(
+        None, config.method, config.backbone, step, losses[-1] if losses else float("nan"), wall,
+        _device_words(dev), summary, losses,
+    )
+    if out_dir is not None:
+        from models.ssl.export import export_encoder
+
+        result.out_dir = export_encoder(
+            out_dir,
+            model.encoder(),
+            model_name=config.backbone,
+            timm_kwargs=backbone_kwargs(config.backbone, config.resolution, config.backbone_kwargs),
+            resolution=config.resolution,
+            aspect_mode=config.aspect_mode,
+            mean=config.norm_mean,
+            std=config.norm_std,
+            method=config.method,
+            pretraining={
+                "method": config.method,
+                "data": summary.to_dict(),
+                "steps": step,
+                "batch_size": config.batch_size,
+                "wall_seconds": round(wall, 1),
+                "device": result.device,
+                "config": config.to_dict(),
+            },
+            fp16=config.export_fp16,
+            notes=notes,
+        )
+    return result
