@@ -120,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import redis
-    from app.services.generators import ensure_builtin_generators
+    from app.services.model_assets import ensure_builtin_generators
     from sqlalchemy import create_engine, text
 
     from app.core.config import Settings

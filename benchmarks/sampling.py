@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO_ROOT, write_result  # noqa: E402
-from models.diffusion import CXRDiffusionPipeline, plan_generation  # noqa: E402
+from benchmarks._common import REPO_ROOT, write_result
+from models.diffusion import CXRDiffusionPipeline, plan_generation
 
 DEFAULT_GENERATOR = REPO_ROOT / "models" / "weights" / "generator-kermany-64"
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from threading import Lock
 from typing import Literal
 
+import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -41,7 +44,14 @@ from app.services.exports import (
     signed_download,
 )
 from app.services.pagination import as_utc, check_limit, decode_cursor, encode_cursor, paginate_newest_first
-from app.services.uploads import IGNORED_SUFFIXES, PreparedImage, normalise_label, sniff_stored_image
+from app.services.uploads import (
+    IGNORED_SUFFIXES,
+    PreparedImage,
+    normalise_label,
+    prepare_images,
+    sniff_stored_image,
+    spool_multipart,
+)
 from app.storage.base import ObjectStore, tenant_key
 
 log = logging.getLogger("cxrsynth.datasets")
@@ -120,6 +130,27 @@ def create_uploaded_dataset(
         _delete_quietly(store, root + "/")
         raise
     return ds
+
+
+async def ingest_upload(
+    session: Session, store: ObjectStore, settings: Settings, tenant_id: str, chunks: AsyncIterator[bytes],
+    content_type: str | None,
+) -> Dataset:
+    """A multipart upload (body ``chunks``) -> a new real dataset, or a problem and no trace.
+
+    The body is spooled to a temp folder (413 past ``max_upload_bytes``), validated and converted in a
+    worker thread (:func:`app.services.uploads.prepare_images`), then stored by
+    :func:`create_uploaded_dataset`. Form fields: ``name`` (default: the first file's name), ``label``.
+    """
+    workdir = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="cxr-upload-")))
+    try:
+        (workdir / "parts").mkdir()
+        form = await spool_multipart(chunks, content_type, workdir / "parts", settings.max_upload_bytes)
+        images = await anyio.to_thread.run_sync(prepare_images, form, settings, workdir / "images")
+        name = form.fields.get("name") or PurePosixPath(form.files[0].filename or "upload").stem or "upload"
+        return await anyio.to_thread.run_sync(create_uploaded_dataset, session, store, tenant_id, name, images)
+    finally:
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
 
 
 def _delete_quietly(store: ObjectStore, prefix: str) -> None:

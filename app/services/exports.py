@@ -85,7 +85,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _close(stream: IO[bytes]) -> None:
+def close_stream(stream: IO[bytes]) -> None:
+    """Close a stream from ``ObjectStore.open`` (and give a minio response's connection back)."""
     stream.close()
     release = getattr(stream, "release_conn", None)  # urllib3 responses from the minio client
     if callable(release):
@@ -109,7 +110,7 @@ def write_zip(path: Path, members: Iterable[tuple[str, Callable[[], IO[bytes]]]]
                 with zf.open(_zip_info(arcname), "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             finally:
-                _close(src)
+                close_stream(src)
 
 
 def build_zip_export(store: ObjectStore, dataset: Dataset, key: str | None = None) -> str:

@@ -29,6 +29,7 @@ from app.services.pagination import as_utc, check_limit, paginate_newest_first
 log = logging.getLogger("cxrsynth.jobs")
 
 RETRY_AFTER_S = 30
+LOCK_MARGIN = 64  # lock the tenant row when this close to the in-flight limit
 EVENTS_POLL_S = 0.5
 EVENTS_BATCH = 500
 
@@ -95,6 +96,27 @@ def jobs_in_flight(session: Session, tenant_id: str) -> int:
                           .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))) or 0
 
 
+def _check_in_flight(session: Session, settings: Settings, tenant_id: str) -> None:
+    """429 when the tenant is at ``max_jobs_in_flight_per_tenant``.
+
+    More than ``LOCK_MARGIN`` below the limit a plain count decides (fewer than ``LOCK_MARGIN``
+    submissions of one tenant in progress at once cannot overshoot it); closer, the tenant row is locked
+    (Postgres ``FOR UPDATE``, held to the commit) and the count redone, so concurrent requests cannot
+    slip past the limit. Locking only there keeps a tenant's submissions parallel when its limit is high.
+    """
+    limit = settings.max_jobs_in_flight_per_tenant
+    in_flight = jobs_in_flight(session, tenant_id)
+    if limit - in_flight <= LOCK_MARGIN:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        in_flight = jobs_in_flight(session, tenant_id)
+    if in_flight >= limit:
+        session.rollback()
+        raise TooManyJobs(
+            f"at most {limit} jobs may be queued or running at once; retry when one has finished",
+            headers={"Retry-After": str(RETRY_AFTER_S)}, limit=limit,
+        )
+
+
 def submit_job(
     session: Session,
     settings: Settings,
@@ -113,8 +135,8 @@ def submit_job(
 
     Order: an ``Idempotency-Key`` seen before with the same request returns that job (``created`` is
     False; with another request: 409). Then ``plan()`` validates the request and resolves the params the
-    worker reads; then the tenant's jobs in flight are counted under a row lock on the tenant (429 with
-    ``Retry-After`` at the limit); the job is committed, and only then ``TASK_START_JOB`` is sent, so a
+    worker reads; then the tenant's jobs in flight are counted (429 with ``Retry-After`` at the limit, see
+    :func:`_check_in_flight`); the job is committed, and only then ``TASK_START_JOB`` is sent, so a
     worker never sees a job that is not in the database. If the broker refuses, the job is deleted and the
     answer is 503 (nothing is left behind).
     """
@@ -125,15 +147,7 @@ def submit_job(
             return existing, False
     params = plan().model_dump(mode="json")
 
-    # Serialise a tenant's submissions (Postgres row lock; SQLite serialises writers anyway).
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-    if jobs_in_flight(session, tenant_id) >= settings.max_jobs_in_flight_per_tenant:
-        session.rollback()
-        raise TooManyJobs(
-            f"at most {settings.max_jobs_in_flight_per_tenant} jobs may be queued or running at once; "
-            "retry when one has finished",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    _check_in_flight(session, settings, tenant_id)
     job = Job(tenant_id=tenant_id, kind=kind.value, status=JobStatus.queued.value, params=params,
               idempotency_key=idempotency_key, request_hash=req_hash, webhook_url=webhook_url)
     session.add(job)

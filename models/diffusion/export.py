@@ -139,7 +139,9 @@ def ema_unet(ema: EMAModel, unet: UNet2DModel, dtype: torch.dtype = torch.float3
     # Buffers (none in UNet2DModel today) are not tracked by EMA: take the live ones.
     for (_, b_dst), (_, b_src) in zip(model.named_buffers(), unet.named_buffers(), strict=True):
         b_dst.copy_(b_src)
-    return model.to(dtype=dtype).eval()
+    # nn.Module.to directly: diffusers' ModelMixin.to warns about fp32-pinned modules on every dtype
+    # cast, and UNet2DModel has none.
+    return torch.nn.Module.to(model, dtype=dtype).eval()
 
 
 def read_generator_metadata(generator_dir: str | Path) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class SegmentationConfig:
     seed: int = 0
     epochs: int = 20
     batch_size: int = 8
-    learning_rate: float = 1e-4  # encoder (fine-tuning)
+    learning_rate: float = 1e-3  # encoder (fine-tuning); same as the decoder unless told otherwise
     decoder_learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     augment: bool = True
@@ -153,7 +153,7 @@ def build_segmentation_model(enc: EvalEncoder, decoder_channels: tuple[int, ...]
     if enc.fixed_input_size:
         if "depth" in kwargs:
             raise ValueError("smp's DPT reserves the 'depth' keyword; use a registered timm ViT name instead")
-        kwargs["img_size"] = enc.resolution
+        kwargs.setdefault("img_size", enc.resolution)  # the pretraining grid; dynamic_img_size adapts it
         width = max(8, decoder_channels[0] // 4)
         model: nn.Module = smp.DPT(
             encoder_name=f"tu-{enc.model_name}", encoder_weights=None, in_channels=1, classes=1,

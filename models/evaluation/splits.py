@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
@@ -58,14 +58,36 @@ def stratified_subsample(labels: Sequence[Any], fraction: float, seed: int = 0) 
     return sorted(keep)
 
 
+@overload
 def validation_split(
     records: Sequence[ImageRecord],
-    items: Sequence[T] | None = None,
+    items: None = None,
     *,
     val_fraction: float = 0.2,
     label_fraction: float = 1.0,
     seed: int = 0,
-) -> TrainValSplit[T]:
+) -> TrainValSplit[ImageRecord]: ...
+
+
+@overload
+def validation_split(
+    records: Sequence[ImageRecord],
+    items: Sequence[T],
+    *,
+    val_fraction: float = 0.2,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+) -> TrainValSplit[T]: ...
+
+
+def validation_split(
+    records: Sequence[ImageRecord],
+    items: Sequence[Any] | None = None,
+    *,
+    val_fraction: float = 0.2,
+    label_fraction: float = 1.0,
+    seed: int = 0,
+) -> TrainValSplit[Any]:
     """Patient-level, stratified, seeded train/validation split, then the label-fraction subset.
 
     ``records`` carry labels and patient ids; ``items`` (default: the records) are what is returned,

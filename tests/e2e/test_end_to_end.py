@@ -88,24 +88,24 @@ def test_real_stack_generation_download_and_isolation(settings_factory: Any, ser
 
 def test_worker_killed_mid_job_finishes_with_exactly_n_images(settings_factory: Any, services_factory: Any,
                                                                tiny_generator: Path, tmp_path: Path) -> None:
-    settings = settings_factory(tmp_path, stack="real", default_generator_dir=tiny_generator, shard_size=3)
+    settings = settings_factory(tmp_path, stack="real", default_generator_dir=tiny_generator, shard_size=2)
     svc = services_factory(settings)
     base = svc.api()
     first = svc.worker("victim")
     key = create_tenant(svc, "hospital-k")
     with CxrsynthClient(base, key) as c:
-        # 1000-step DDPM makes each shard take seconds, so the kill lands mid-shard.
-        job = c.create_generation(n=9, sampler="ddpm", num_inference_steps=1000, seed=5)
+        # Three shards of 2 images, 40 steps each: the kill lands inside the first shard.
+        job = c.create_generation(n=6, sampler="ddim", num_inference_steps=40, seed=5)
         wait_for(lambda: c.get_job(job.id).progress.step > 0 or c.get_job(job.id).status.value == "running",
                  120, "the job to start", svc)
         first.kill9()
         assert c.get_job(job.id).status.value == "running"
         # The unacked message comes back once the (short, for the test) visibility timeout passes.
         svc.worker("rescuer", visibility_timeout_s=3)
-        done = c.wait(job.id, poll_s=1, timeout_s=420)
+        done = c.wait(job.id, poll_s=1, timeout_s=400)
         assert done.status.value == "succeeded", (done.error, svc.logs_tail())
-        assert done.result and done.result["num_images"] == 9
-        check_zip(c.download_dataset(done.result["dataset_id"], tmp_path / "k.zip"), 9, 32)
+        assert done.result and done.result["num_images"] == 6
+        check_zip(c.download_dataset(done.result["dataset_id"], tmp_path / "k.zip"), 6, 32)
 
 
 def test_embedded_generate_writes_pngs_and_manifest(settings_factory: Any, services_factory: Any,
@@ -136,7 +136,7 @@ def test_embedded_serve_job_survives_restart(settings_factory: Any, services_fac
     from tests.conftest import free_port
     from tests.e2e.conftest import Proc
 
-    settings = settings_factory(tmp_path, stack="embedded", default_generator_dir=tiny_generator, shard_size=3)
+    settings = settings_factory(tmp_path, stack="embedded", default_generator_dir=tiny_generator, shard_size=2)
     svc = services_factory(settings)
     key = create_tenant(svc, "hospital-e")
     port = free_port()
@@ -152,7 +152,7 @@ def test_embedded_serve_job_survives_restart(settings_factory: Any, services_fac
 
     serve = start()
     with CxrsynthClient(base, key) as c:
-        job = c.create_generation(n=6, sampler="ddpm", num_inference_steps=1000, seed=9)
+        job = c.create_generation(n=6, sampler="ddim", num_inference_steps=40, seed=9)
         wait_for(lambda: c.get_job(job.id).status.value == "running", 120, "the job to start", svc)
     serve.kill9()
     start()

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import secrets
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.core.config import REPO_ROOT, Settings
+from app.core.config import Settings
 from app.db import orm
 from app.db.session import get_sessionmaker
 from app.main import create_app
@@ -74,24 +75,18 @@ def _write_fake_generator(out: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def api_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def api_weights_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """A weights folder: ``generator-api-tiny/`` (the default generator) and ``encoder-api-tiny/``.
 
-    The generator is trained by ``models.diffusion.testing.train_tiny_generator`` (a few steps on
-    PneumoniaMNIST) when that helper and the data are available, else its folder is written by hand:
-    the API only reads ``cxrsynth.json`` and zips the folder, it never runs a model.
+    The generator is a copy of the session's ``tiny_generator`` (trained on PneumoniaMNIST) when the data
+    is there, else a folder written by hand: the API only reads ``cxrsynth.json`` and zips the folder, it
+    never runs a model. The copy has its own name, so its built-in row never collides with the one the
+    worker and end-to-end tests register for ``generator-tiny`` in the same database.
     """
     root = tmp_path_factory.mktemp("weights")
     gen = root / "generator-api-tiny"
-    npz = DATA_DIR / "pneumoniamnist" / "pneumoniamnist_28.npz"
-    # Checked by file, not import: importing models.diffusion loads torch (tens of seconds on 2 cores).
-    if (REPO_ROOT / "models" / "diffusion" / "testing.py").is_file() and npz.is_file():
-        from models.diffusion.testing import train_tiny_generator  # type: ignore[import-not-found]
-
-        try:
-            train_tiny_generator(gen, npz, steps=2, num_images=16)
-        except TypeError:  # no steps argument
-            train_tiny_generator(gen, npz)
+    if (DATA_DIR / "pneumoniamnist" / "pneumoniamnist_28.npz").is_file():
+        shutil.copytree(request.getfixturevalue("tiny_generator"), gen)
     else:
         _write_fake_generator(gen)
     enc = root / "encoder-api-tiny"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import time
 import zipfile
 from collections.abc import Callable
@@ -206,6 +207,9 @@ def test_download_zip_through_presigned_url(client: TestClient, tenant: TenantAu
     assert link["filename"] == f"My-set-{ds['id'][:8]}.zip" and link["expires_at"]
     got = httpx.get(link["url"], timeout=10)
     assert got.status_code == 200 and link["filename"] in got.headers["content-disposition"]
+    tampered = re.sub(r"(X-Amz-Signature=)([0-9a-f])", lambda m: m.group(1) + ("0" if m.group(2) != "0" else "1"),
+                      link["url"])
+    assert tampered != link["url"] and httpx.get(tampered, timeout=10).status_code == 403
     with zipfile.ZipFile(io.BytesIO(got.content)) as zf:
         names = sorted(zf.namelist())
         assert names == ["dataset.json", "manifest.csv", "normal/img000.png", "normal/img001.png",

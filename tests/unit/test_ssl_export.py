@@ -25,7 +25,7 @@ def _export(tmp_path: Path, name: str, kwargs: dict[str, Any], fp16: bool = Fals
     backbone = create_backbone(name, 32, kwargs)
     with torch.no_grad():  # non-trivial batch-norm statistics, so buffers are checked too
         for m in backbone.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     out = export_encoder(

@@ -32,7 +32,8 @@ def _images(n: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size]
     out = np.empty((n, size, size), np.uint8)
     for i in range(n):
-        cx, cy, r = rng.uniform(8, size - 8, 2).tolist() + [rng.uniform(3, 8)]
+        cx, cy = rng.uniform(8, size - 8, 2)
+        r = rng.uniform(3, 8)
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
         out[i] = np.clip(40 + 180 * blob + rng.normal(0, 10, (size, size)), 0, 255).astype(np.uint8)
     return out

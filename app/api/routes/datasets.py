@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -16,7 +13,6 @@ from app.core.problems import PayloadTooLarge, problem_responses
 from app.schemas.common import DownloadLink, Page
 from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat, RegisterDatasetRequest
 from app.services import datasets as svc
-from app.services.uploads import prepare_images, spool_multipart
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -54,17 +50,8 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
                               limit=settings.max_upload_bytes)
     # Hand the auth query's connection back to the pool while the (possibly long) body streams in.
     await run_in_threadpool(session.commit)
-    workdir = Path(await run_in_threadpool(tempfile.mkdtemp, prefix="cxr-upload-"))
-    try:
-        (workdir / "parts").mkdir()
-        form = await spool_multipart(request.stream(), request.headers.get("content-type"), workdir / "parts",
-                                     settings.max_upload_bytes)
-        images = await run_in_threadpool(prepare_images, form, settings, workdir / "images")
-        default_name = PurePosixPath(form.files[0].filename or "upload").stem or "upload"
-        name = form.fields.get("name") or default_name
-        ds = await run_in_threadpool(svc.create_uploaded_dataset, session, store, tenant.id, name, images)
-    finally:
-        await run_in_threadpool(shutil.rmtree, workdir, True)
+    ds = await svc.ingest_upload(session, store, settings, tenant.id, request.stream(),
+                                 request.headers.get("content-type"))
     return svc.dataset_out(ds)
 
 
