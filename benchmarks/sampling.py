@@ -133,11 +133,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(time_ours(pipe, sampler, steps, n, n, g))
             print(f"{sampler:12s} {steps:5d} g={g}: {rows[-1]['images_per_s']:.3f} img/s", flush=True)
     for kind, steps, n in (("ddpm", ddpm_steps, ddpm_batch), ("ddim", 50, batch)):
-        rows.append(time_stock(pipe, kind, steps, n))
         ours = next(r for r in rows if r["pipeline"] == "cxrsynth" and r["sampler"] == kind
                     and r["steps"] == steps and r["guidance"] == 1.0)
-        ours["ratio_vs_stock"] = ours["images_per_s"] / rows[-1]["images_per_s"]
-        print(f"stock {kind:6s} {steps:5d}: {rows[-1]['images_per_s']:.3f} img/s", flush=True)
+        stock = time_stock(pipe, kind, steps, n)
+        if kind == "ddim":
+            # A shared CPU makes single timings noisy: alternate one more run of each, keep the best.
+            again = time_ours(pipe, kind, steps, n, n, 1.0)
+            stock2 = time_stock(pipe, kind, steps, n)
+            if again["seconds"] < ours["seconds"]:
+                ours.update({k: v for k, v in again.items() if k != "_images"})
+            stock = min(stock, stock2, key=lambda r: r["seconds"])
+            ours["repeats"] = stock["repeats"] = 2
+        rows.append(stock)
+        ours["ratio_vs_stock"] = ours["images_per_s"] / stock["images_per_s"]
+        print(f"stock {kind:6s} {steps:5d}: {stock['images_per_s']:.3f} img/s", flush=True)
 
     fid: dict[str, Any] = {"images_per_sampler": 0, "note": "not measured (--fid-images 0)"}
     if args.fid_images:
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "generator": str(Path(args.generator).relative_to(REPO_ROOT)) if Path(args.generator).resolve()
         .is_relative_to(REPO_ROOT) else args.generator,
         "device": str(pipe.device), "torch_threads": torch.get_num_threads(), "rows": rows, "fid": fid,
-        "notes": "ddpm timed on one batch only; stock pipelines run the null class (unconditional) and are "
+        "notes": "ddpm timed on one batch only; ddim rows best of 2 alternating runs; stock pipelines run the null class (unconditional) and are "
                  "compared with our guidance=1 rows at the same batch and steps.",
     }, Path(args.out) if args.out else None)
     print(f"wrote {path}")

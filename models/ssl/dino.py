@@ -102,7 +102,9 @@ class DINO(SSLModel):
         if locals_:
             s_loc = self.student_head(self.student_backbone(torch.cat(locals_)))
             student_out += [o.float() for o in s_loc.chunk(len(locals_))]
-        return self.criterion(teacher_out, student_out, teacher_temp=self.teacher_temperature(step))
+        # The loss in fp32 even under bf16 autocast (its einsum would otherwise run in bf16).
+        with torch.autocast(device_type=views[0].device.type, enabled=False):
+            return self.criterion(teacher_out, student_out, teacher_temp=self.teacher_temperature(step))
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         # DINO keeps the last layer fixed for the first steps to avoid early collapse (lightly's

@@ -38,7 +38,9 @@ class SimCLR(SSLModel):
         # One forward for both views: batch-norm statistics over 2B images, as in SimCLR.
         z = self.projection_head(self.backbone(torch.cat(views))).float()
         z0, z1 = z.chunk(2)
-        return self.criterion(z0, z1)
+        # The loss in fp32 even under bf16 autocast (cosine logits / temperature are precision-sensitive).
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.criterion(z0, z1)
 
     def encoder(self) -> nn.Module:
         return self.backbone

@@ -29,7 +29,8 @@ from models.ssl import PretrainConfig, pretrain
 torch.set_num_threads(1)
 
 TINY_RESNET = {"channels": (8, 16, 32, 64), "stem_width": 8}
-TINY_CLS = ClassificationConfig(resolution=32, scratch_kwargs=TINY_RESNET, n_resamples=200, epochs=2, batch_size=16)
+TINY_CLS = ClassificationConfig(resolution=32, scratch_kwargs=TINY_RESNET, n_resamples=200, epochs=2, batch_size=16,
+                                linear_c_grid=(0.01, 1.0))
 TINY_SEG = SegmentationConfig(resolution=32, scratch_kwargs=TINY_RESNET, n_resamples=200, epochs=2, batch_size=8,
                               decoder_channels=(32, 16, 8, 8, 8))
 
