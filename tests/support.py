@@ -5,8 +5,8 @@ Environment (all optional; ``.ci/run`` sets the first three):
 - ``CXRSYNTH_TEST_DATABASE_URL``: a Postgres database to use as is (else one is created per session
   on ``postgres@127.0.0.1:5432`` and dropped at the end).
 - ``CXRSYNTH_TEST_REDIS_URL``: the Redis database the tests own, flushed at the start of the session
-  (default: the first of databases 15, 14, ... 1 on ``127.0.0.1:6379`` that no other test session
-  holds, so sessions running side by side never share a queue).
+  (default: the first empty database of 15, 14, ... 1 on ``127.0.0.1:6379`` that no other test
+  session leases, so sessions running side by side never share a queue; see :class:`RedisLease`).
 - ``CXRSYNTH_TEST_S3_BUCKET``: prefix of the bucket names made by the fixtures.
 - ``CXRSYNTH_TEST_S3_ENDPOINT`` (+ ``_ACCESS_KEY``, ``_SECRET_KEY``, ``_REGION``): use this S3 server
   instead of starting SeaweedFS.
@@ -106,6 +106,7 @@ class PostgresDatabases:
 
 REDIS_LEASE_KEY = "cxrsynth:test-session-lease"
 REDIS_LEASE_S = 3 * 3600
+_lease_count = itertools.count()
 
 
 class RedisLease:
@@ -114,31 +115,37 @@ class RedisLease:
     def __init__(self, url: str | None = None) -> None:
         self.given = url
         self.url = ""
-        self.token = f"{RUN_ID}-{os.getpid()}"
+        self.token = f"{RUN_ID}-{next(_lease_count)}"
 
     def acquire(self) -> str:
-        """Flush and return the given database, or the first free one of 15..1; raise if none is."""
+        """Flush and return the given database, or the first free (empty, unleased) one of 15..1.
+
+        Several leases may be held at once (e.g. a second database for tests whose queue must stay
+        apart); raise if no database is free.
+        """
         import redis
 
         candidates = [self.given] if self.given else [f"{REDIS_SERVER}/{db}" for db in range(15, 0, -1)]
         for url in candidates:
             with redis.Redis.from_url(url, socket_connect_timeout=3) as client:
-                if self.given or client.set(REDIS_LEASE_KEY, self.token, nx=True, ex=REDIS_LEASE_S):
+                free = client.dbsize() == 0 and client.set(REDIS_LEASE_KEY, self.token, nx=True,
+                                                           ex=REDIS_LEASE_S)
+                if self.given or free:
                     client.flushdb()
                     client.set(REDIS_LEASE_KEY, self.token, ex=REDIS_LEASE_S)
                     self.url = url
                     return url
-        raise RuntimeError(f"every Redis database 1..15 on {REDIS_SERVER} is held by another test session")
+        raise RuntimeError(f"no empty, unleased Redis database among 1..15 on {REDIS_SERVER}")
 
     def release(self) -> None:
-        """Give the database back (only if the lease is still ours)."""
+        """Flush the database and give it back (only if the lease is still ours)."""
         import redis
 
         if not self.url:
             return
         with redis.Redis.from_url(self.url, socket_connect_timeout=3) as client:
             if client.get(REDIS_LEASE_KEY) == self.token.encode():
-                client.delete(REDIS_LEASE_KEY)
+                client.flushdb()
 
 
 # --- S3 ------------------------------------------------------------------------------------------
