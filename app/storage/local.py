@@ -85,9 +85,15 @@ class LocalStore:
             raise ObjectNotFound(key) from exc
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self.path_of(prefix) if prefix else self.root
-        start = base if base.is_dir() else base.parent
-        if not start.exists():
+        # Same semantics as S3: a plain string prefix ("a/d1" also matches "a/d10/x"), so walk from the
+        # folder that holds the prefix's last component.
+        if not prefix:
+            start = self.root
+        elif prefix.endswith("/"):
+            start = self.path_of(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        else:
+            start = self.path_of(prefix).parent
+        if not start.is_dir():
             return
         for dirpath, _dirs, files in sorted(os.walk(start)):
             for name in sorted(files):

@@ -154,6 +154,7 @@ class CXRDiffusionPipeline:
         label_names: Sequence[str] = (),
         generator_id: str = "",
         device: torch.device | str = "cpu",
+        micro_batch: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         # cast: diffusers wraps ModelMixin.to with functools.wraps, which mypy mistypes.
@@ -165,6 +166,8 @@ class CXRDiffusionPipeline:
         n_emb = unet.config["num_class_embeds"]
         self.conditional = n_emb is not None
         self.null_class_id: int | None = len(self.label_names) if self.conditional else None
+        # Images per UNet call, a constant of the pipeline (never of the request): see _model_output.
+        self.micro_batch = int(micro_batch or (64 if self.device.type == "cuda" else 8))
         if self.conditional and n_emb != len(self.label_names) + 1:
             raise ValueError(f"UNet has {n_emb} class embeddings; expected {len(self.label_names)} labels + null")
         # channels_last helps convolutions on CUDA; on CPU the oneDNN path measured no faster.
@@ -173,7 +176,8 @@ class CXRDiffusionPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, generator_dir: str | Path, device: str = "auto", compile: bool = False
+        cls, generator_dir: str | Path, device: str = "auto", compile: bool = False,
+        micro_batch: int | None = None,
     ) -> CXRDiffusionPipeline:
         """Load a generator directory written by :func:`models.diffusion.export.export_generator`.
 
@@ -192,7 +196,7 @@ class CXRDiffusionPipeline:
             )
         names = [name for name, _ in sorted(meta.get("labels", {}).items(), key=lambda kv: kv[1])]
         pipe = cls(unet, scheduler, names, generator_id=meta.get("generator_id") or path.name,
-                   device=pick_device(device))
+                   device=pick_device(device), micro_batch=micro_batch)
         if compile and pipe.device.type == "cuda":
             pipe.unet = torch.compile(pipe.unet)  # type: ignore[assignment]
         return pipe
@@ -214,19 +218,27 @@ class CXRDiffusionPipeline:
         return self.label_names.index(label)
 
     def auto_batch_size(self) -> int:
-        """Images per batch from free memory (CUDA) or RAM (CPU), capped where speed stops growing."""
+        """Images denoised together per scheduler loop: a multiple of ``micro_batch`` that fits memory.
+
+        The UNet only ever sees ``micro_batch`` images at a time, so its activations are bounded
+        already; what grows with the batch is the scheduler state (a few H x W tensors per image)
+        plus one micro-batch of activations, estimated generously below.
+        """
+        k = self.micro_batch
         cfg = self.unet.config
-        # Rough live activation bytes per image in inference mode (x2 for guidance's uncond half).
-        per_image = 2 * 4 * self.resolution**2 * max(cfg["block_out_channels"]) * 16
+        per_image_state = 8 * 4 * self.resolution**2
+        activations = 2 * k * 4 * self.resolution**2 * max(cfg["block_out_channels"]) * 16
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(max(1, min(512, 0.5 * free // per_image)))
+            budget = 0.5 * free - activations
+            return int(k * max(1, min(16, budget // (per_image_state * k))))
         try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            avail = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):
-            avail = 2 << 30
-        # On CPU throughput is flat beyond a few dozen images; small batches report progress sooner.
-        return int(max(1, min(32, 0.25 * avail // per_image)))
+            avail = float(2 << 30)
+        # On CPU throughput is flat beyond a few micro-batches; smaller batches report progress sooner.
+        budget = 0.25 * avail - activations
+        return int(k * max(1, min(4, budget // (per_image_state * k))))
 
     @torch.inference_mode()
     def __call__(
@@ -337,23 +349,48 @@ class CXRDiffusionPipeline:
         cond: torch.Tensor | None = None
         if self.conditional:
             cond = torch.tensor([self.null_class_id if c is None else c for c in class_ids], device=dev)
-            if guided:
-                null = torch.full_like(cond, int(self.null_class_id))  # type: ignore[arg-type]
-                cond = torch.cat([cond, null])
         for k, t in enumerate(sched.timesteps):
             model_in = sched.scale_model_input(x, t)
-            if guided:
-                model_in = torch.cat([model_in, model_in])
-            if dev.type == "cuda":
-                model_in = model_in.contiguous(memory_format=torch.channels_last)
-            with autocast_for(dev):
-                out = self.unet(model_in, t, class_labels=cond).sample.float()
-            if guided:
-                out_c, out_u = out.chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)
+            out = self._model_output(model_in, t, cond, guidance_scale if guided else None)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
             progress(k + 1)
         return x.float().cpu()
+
+    def _model_output(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance_scale: float | None
+    ) -> torch.Tensor:
+        """UNet prediction for B images, evaluated in fixed-shape micro-batches.
+
+        Why fixed shapes: CPU (oneDNN / MKL) and CUDA (cuDNN) kernels are chosen by tensor shape,
+        and different kernels round differently (measured: ~1e-6 differences between batch 1, 3 and
+        16), which after rounding to uint8 changes pixels. Every UNet call therefore sees exactly
+        ``micro_batch`` images (the last chunk padded with copies of its last image), and with
+        guidance ``2 * micro_batch`` rows: conditional half, then unconditional (null class) half.
+        An image's prediction then no longer depends on the request's batch size or sharding.
+        """
+        k = self.micro_batch
+        outs: list[torch.Tensor] = []
+        for s in range(0, x.shape[0], k):
+            xs = x[s : s + k]
+            n = xs.shape[0]
+            cs = None if cond is None else cond[s : s + k]
+            if n < k:
+                xs = torch.cat([xs, xs[-1:].expand(k - n, *xs.shape[1:])])
+                if cs is not None:
+                    cs = torch.cat([cs, cs[-1:].expand(k - n)])
+            if guidance_scale is not None:
+                assert cs is not None
+                xs = torch.cat([xs, xs])
+                cs = torch.cat([cs, torch.full_like(cs, int(self.null_class_id))])  # type: ignore[arg-type]
+            if self.device.type == "cuda":
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.device):
+                out = self.unet(xs, t, class_labels=cs).sample.float()
+            if guidance_scale is not None:
+                out_c, out_u = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            outs.append(out[:n])
+        return torch.cat(outs)
 
     @staticmethod
     def _to_output(x: torch.Tensor, output_type: str) -> Any:

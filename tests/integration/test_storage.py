@@ -202,3 +202,12 @@ def test_local_writes_are_atomic(local_store: LocalStore) -> None:
         local_store.put_stream("tenants/t1/uploads/u1/a.zip", io.BufferedReader(Broken()))
     assert not local_store.exists("tenants/t1/uploads/u1/a.zip")
     assert list(local_store.root.rglob("*.tmp*")) == [] and list(local_store.root.rglob(".tmp-*")) == []
+
+
+def test_list_is_a_plain_string_prefix_on_both_stores(store: ObjectStore) -> None:
+    """``list("a/d1")`` also matches ``a/d10/...`` (S3 semantics); ``list("a/d1/")`` does not."""
+    for key in ("p/d1/x.png", "p/d10/y.png", "p/d2/z.png"):
+        store.put_bytes(key, b"1")
+    assert sorted(o.key for o in store.list("p/d1")) == ["p/d1/x.png", "p/d10/y.png"]
+    assert [o.key for o in store.list("p/d1/")] == ["p/d1/x.png"]
+    assert sorted(o.key for o in store.list("p/")) == ["p/d1/x.png", "p/d10/y.png", "p/d2/z.png"]
