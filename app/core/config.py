@@ -29,20 +29,20 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path.home() / ".cxrsynth", description="Root of embedded state.")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite in data_dir.")
     broker_url: str = Field(default="", description="Celery broker; empty = filesystem queue in data_dir.")
-    storage_backend: Literal["local", "s3"] = "local"
+    storage_backend: Literal["local", "s3"] = Field(default="local", description="Object store: local folder or S3.")
     storage_dir: Path | None = Field(default=None, description="Local object folder; default data_dir/objects.")
 
     # --- S3 (minio client) ---------------------------------------------------------------------
-    s3_endpoint: str = "127.0.0.1:9000"
-    s3_access_key: str = "cxrsynth"
-    s3_secret_key: SecretStr = SecretStr("cxrsynth-secret")
-    s3_bucket: str = "cxrsynth"
-    s3_region: str = "us-east-1"
-    s3_secure: bool = False
+    s3_endpoint: str = Field(default="127.0.0.1:9000", description="S3 host:port the service talks to.")
+    s3_access_key: str = Field(default="cxrsynth", description="S3 access key.")
+    s3_secret_key: SecretStr = Field(default=SecretStr("cxrsynth-secret"), description="S3 secret key.")
+    s3_bucket: str = Field(default="cxrsynth", description="Bucket of every object.")
+    s3_region: str = Field(default="us-east-1", description="Explicit region (no location lookup).")
+    s3_secure: bool = Field(default=False, description="Use HTTPS to reach S3.")
     s3_public_endpoint: str = Field(default="", description="Host clients use for presigned URLs.")
 
     # --- API -----------------------------------------------------------------------------------
-    public_base_url: str = "http://127.0.0.1:8000"
+    public_base_url: str = Field(default="http://127.0.0.1:8000", description="Base of links the API hands out.")
     signing_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key for signed URLs.")
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     admin_token: SecretStr = Field(default=SecretStr(""), description="Enables admin endpoints when set.")
@@ -55,18 +55,19 @@ class Settings(BaseSettings):
     max_uncompressed_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_compression_ratio: float = Field(default=200.0, gt=1)
-    page_size_max: int = 200
+    page_size_max: int = Field(default=200, ge=1, description="Largest page of a list endpoint.")
 
     # --- worker --------------------------------------------------------------------------------
     shard_size: int = Field(default=64, ge=1, description="Images per generation shard task.")
-    task_time_limit_s: int = 24 * 3600
+    task_time_limit_s: int = Field(default=24 * 3600, ge=60, description="Hard time limit of one task.")
     visibility_timeout_s: int = Field(default=26 * 3600, description="Above the longest job.")
     max_task_attempts: int = Field(default=3, ge=1, description="Deliveries before a job fails.")
-    device: str = "auto"
-    default_generator_dir: Path = WEIGHTS_DIR / "generator-kermany-64"
-    webhook_max_attempts: int = 6
-    webhook_backoff_s: float = 2.0
-    webhook_timeout_s: float = 10.0
+    device: str = Field(default="auto", description="Worker device: auto (CUDA if present), cpu, cuda.")
+    default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-64",
+                                        description="Built-in generator used when a request names none.")
+    webhook_max_attempts: int = Field(default=6, ge=1, description="Deliveries tried per webhook.")
+    webhook_backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles each time.")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one webhook POST.")
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
