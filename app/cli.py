@@ -122,6 +122,11 @@ def serve(
 
     from app.db.session import migrate
 
+    if "CXRSYNTH_PUBLIC_BASE_URL" not in os.environ:
+        # Signed download links of the local store must point at this server.
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        os.environ["CXRSYNTH_PUBLIC_BASE_URL"] = f"http://{shown}:{port}"
+        get_settings.cache_clear()
     settings = get_settings()
     migrate(settings.database_url)
     proc: subprocess.Popen[bytes] | None = None

@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         "generator": str(Path(args.generator).relative_to(REPO_ROOT)) if Path(args.generator).resolve()
         .is_relative_to(REPO_ROOT) else args.generator,
         "device": str(pipe.device), "torch_threads": torch.get_num_threads(), "rows": rows, "fid": fid,
-        "notes": "ddpm timed on one batch only; ddim rows best of 2 alternating runs; stock pipelines run the null class (unconditional) and are "
-                 "compared with our guidance=1 rows at the same batch and steps.",
+        "notes": "ddpm timed on one batch only; ddim rows best of 2 alternating runs; stock pipelines run "
+                 "the null class (unconditional) and are compared with our guidance=1 rows at the same batch "
+                 "and steps.",
     }, Path(args.out) if args.out else None)
     print(f"wrote {path}")
 
