@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -49,7 +49,7 @@ ApiUrl = Annotated[str | None, typer.Option("--api", envvar="CXRSYNTH_API_URL", 
 ApiKeyOpt = Annotated[str | None, typer.Option("--key", envvar="CXRSYNTH_API_KEY", help="API key (remote mode).")]
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print a clear error and exit non-zero (no traceback for user errors)."""
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -332,11 +332,11 @@ def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, 
                 bar.update(task, completed=j.progress_step, total=j.progress_total or None,
                            description=j.status)
     with sessions() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        if job.status != "succeeded":
-            fail(f"job {job.id} {job.status}: {json.dumps(job.error)}", code=1)
-        dataset = s.get(Dataset, (job.result or {})["dataset_id"])
+        finished = s.get(Job, job_id)
+        assert finished is not None
+        if finished.status != "succeeded":
+            fail(f"job {finished.id} {finished.status}: {json.dumps(finished.error)}", code=1)
+        dataset = s.get(Dataset, (finished.result or {})["dataset_id"])
         assert dataset is not None
     written = _export_folder(ctx, dataset, out)
     console.print(f"[green]{written} images[/] in {out} (manifest.csv, card.json); job {job_id}, dataset {dataset.id}")

@@ -120,11 +120,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import redis
-    from app.services.model_assets import ensure_builtin_generators
     from sqlalchemy import create_engine, text
 
     from app.core.config import Settings
     from app.db.session import get_sessionmaker, migrate
+    from app.services.model_assets import ensure_builtin_generators
     from app.services.tenants import create_tenant
 
     db = f"cxrsynth_bench_{int(time.time())}_{os.getpid()}"
