@@ -407,6 +407,48 @@ def train_generator_cmd(
     console.print(f"[green]trained[/] {result.steps} steps in {result.wall_seconds:.0f} s -> {out}")
 
 
+@app.command("generator-report")
+def generator_report_cmd(
+    generator: Annotated[Path, typer.Option(help="Generator folder (diffusers layout + cxrsynth.json).")],
+    real: Annotated[Path, typer.Option(help="Real ImageFolder to compare with (e.g. kermany-pneumonia).")],
+    json_out: Annotated[Path, typer.Option("--json", help="Where the report JSON is written.")],
+    n: Annotated[int, typer.Option(help="Synthetic images to sample.")] = 1000,
+    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmsolver++ | unipc.")] = "dpmsolver++",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (sampler default when unset).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the samples and of the real halves.")] = 0,
+    grid: Annotated[Path | None, typer.Option(help="PNG grid, synthetic beside real (default JSON.png).")] = None,
+) -> None:
+    """Quality of a generator: domain FID, precision/recall/density/coverage, diversity and label
+    fidelity against real images, next to a real-vs-real row as the yardstick."""
+    from models.diffusion.quality import generator_quality_report
+
+    if not (generator / "cxrsynth.json").is_file():
+        fail(f"{generator} is not a generator folder (no cxrsynth.json)")
+    if n < 2:
+        fail(f"--n must be at least 2 (got {n})")
+    with _progress() as bar:
+        task = bar.add_task("report", total=None)
+
+        def on_step(step: int, total: int, message: str) -> None:
+            bar.update(task, completed=step, total=total or None, description=message[:60])
+
+        try:
+            report = generator_quality_report(generator, real, n, sampler=sampler, num_inference_steps=steps,
+                                              guidance_scale=guidance, seed=seed, json_path=json_out,
+                                              grid_path=grid or json_out.with_suffix(".png"), on_step=on_step)
+        except (ValueError, FileNotFoundError) as exc:
+            fail(str(exc))
+    rows = report.get("rows", report)
+    table = Table("row", "FID", "precision", "recall", "density", "coverage")
+    for name in ("synthetic_vs_real", "real_vs_real"):
+        r = rows.get(name, {}) if isinstance(rows, dict) else {}
+        table.add_row(name, *(f"{r.get(k, float('nan')):.3f}" if isinstance(r.get(k), (int, float)) else "-"
+                              for k in ("fid", "precision", "recall", "density", "coverage")))
+    Console().print(table)
+    console.print(f"report: {json_out}")
+
+
 # --------------------------------------------------------------------------------------------------
 # jobs / datasets / encoders (remote)
 # --------------------------------------------------------------------------------------------------
