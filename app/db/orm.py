@@ -176,40 +176,33 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Generator(Base):
-    """A trained diffusion generator (diffusers layout under ``prefix``, or built-in on local disk)."""
+class _ModelAsset:
+    """Columns shared by generators and encoders: tenant-owned files under ``prefix``, or a built-in
+    folder on local disk (``tenant_id`` NULL, readable by every tenant)."""
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    prefix: Mapped[str | None] = mapped_column(Text, default=None)
+    builtin_path: Mapped[str | None] = mapped_column(Text, default=None)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    card: Mapped[str] = mapped_column(Text, default="")
+    source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Generator(_ModelAsset, Base):
+    """A trained diffusion generator (diffusers layout + ``cxrsynth.json`` + model card)."""
 
     __tablename__ = "generators"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="ready")
-    prefix: Mapped[str | None] = mapped_column(Text, default=None)
-    builtin_path: Mapped[str | None] = mapped_column(Text, default=None)
-    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    card: Mapped[str] = mapped_column(Text, default="")
-    source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-
-class Encoder(Base):
-    """A pretrained encoder (safetensors + config.json + card under ``prefix``, or built-in)."""
+class Encoder(_ModelAsset, Base):
+    """A pretrained encoder (``model.safetensors`` + ``config.json`` + model card)."""
 
     __tablename__ = "encoders"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="ready")
-    prefix: Mapped[str | None] = mapped_column(Text, default=None)
-    builtin_path: Mapped[str | None] = mapped_column(Text, default=None)
-    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    card: Mapped[str] = mapped_column(Text, default="")
-    source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class WebhookDelivery(Base):
