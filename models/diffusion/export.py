@@ -182,6 +182,11 @@ def export_generator(
         if sample_grid:
             _export_sample_grid(tmp)
         (tmp / "README.md").write_text(model_card(meta, notes=notes, has_grid=sample_grid))
+        # mkdtemp makes the folder 0700 and some writers use 0600: a generator is read by other users
+        # (the worker), so make it world-readable like any shipped file.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
