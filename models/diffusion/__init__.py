@@ -7,6 +7,7 @@ from models.diffusion.export import (
     load_training_index,
     read_generator_metadata,
     save_grid,
+    write_model_card,
 )
 from models.diffusion.pipeline import (
     DEFAULT_STEPS,
@@ -44,4 +45,5 @@ __all__ = [
     "read_generator_metadata",
     "save_grid",
     "train_generator",
+    "write_model_card",
 ]

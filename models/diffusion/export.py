@@ -47,11 +47,24 @@ TRAINING_INDEX = "training_index.safetensors"
 INDEX_EMBED_SIZE = 16
 FORMAT = "cxrsynth-generator/1"
 
-DATA_SOURCES = """\
-- Kermany D., Zhang K., Goldbaum M. (2018), "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray
-  Images for Classification", Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 — CC BY 4.0.
-- Lung masks: V7 Labs, "COVID-19 X-ray dataset" lung annotations of the Kermany images — CC BY 4.0.
-- PneumoniaMNIST: Yang J. et al. (2023), "MedMNIST v2", Scientific Data 10:41 — CC BY 4.0."""
+# Attribution lines copied from the shared data README (keep them with any derived model card).
+_KERMANY = """- Kermany D., Zhang K., Goldbaum M. (2018), "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray
+  Images for Classification", Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 — CC BY 4.0."""
+_V7 = """- Lung masks: V7 Labs, "COVID-19 X-ray dataset" lung annotations of the Kermany images — CC BY 4.0."""
+_MEDMNIST = """- PneumoniaMNIST: Yang J. et al. (2023), "MedMNIST v2", Scientific Data 10:41 — CC BY 4.0."""
+DATA_SOURCES = "\n".join((_KERMANY, _V7, _MEDMNIST))
+
+
+def data_sources_for(source: str) -> str:
+    """Attribution lines of the data set a generator was trained on (all known ones if unknown)."""
+    s = source.lower()
+    if "kermany" in s:
+        return _KERMANY
+    if "pneumoniamnist" in s:
+        return "\n".join((_MEDMNIST, _KERMANY + " (the source images of PneumoniaMNIST)"))
+    if "lung-seg" in s:
+        return "\n".join((_KERMANY, _V7))
+    return DATA_SOURCES
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,10 +304,22 @@ resolution and a 16x16 intensity-normalised embedding (float16) — never the im
 (`models.privacy`) uses it to reject near-copies of training images.
 
 ## Data sources and licences
-The weights are a derived work of these CC BY 4.0 data sets:
+The weights are a derived work of the training data, licensed CC BY 4.0:
 
-{DATA_SOURCES}
+{data_sources_for(meta['training_data']['source'])}
 
 ## Notes
 {notes or "Research use only; not a medical device. Synthetic images can carry the biases of the training data."}
 """
+
+
+def write_model_card(generator_dir: str | Path, notes: str) -> Path:
+    """Rewrite a generator's ``README.md`` from its ``cxrsynth.json`` with new free-text notes.
+
+    Used to add measured observations (quality, training history) after the export.
+    """
+    root = Path(generator_dir)
+    meta = read_generator_metadata(root)
+    path = root / "README.md"
+    path.write_text(model_card(meta, notes=notes, has_grid=(root / "samples.png").is_file()))
+    return path

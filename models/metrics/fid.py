@@ -12,12 +12,32 @@ for full-rank covariances): compare only values computed with the same ``n`` on 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
 
 from models.metrics.images import ImageBatch, check_images
 from models.metrics.reference import ReferenceClassifier, load_reference_classifier
+
+
+@contextlib.contextmanager
+def _single_threaded_linalg() -> Iterator[None]:
+    """Run torch's LAPACK calls on one thread, restoring the thread count afterwards.
+
+    torchmetrics computes ``eigvals(S1 @ S2)`` of a D x D (here 512 x 512) matrix. On a shared 2-core
+    CPU, the OpenMP-threaded LAPACK of this torch build took 7-28 s per call with 2 threads and 0.23 s
+    with 1 (measured on the development machine under load): the eigen-decomposition is too small to
+    gain from threads and the threads' spin-waiting collapses when the cores are busy.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _PrecomputedFeatures(nn.Module):
@@ -60,7 +80,8 @@ def frechet_distance(synthetic_features: np.ndarray | torch.Tensor, real_feature
     metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(int(real.shape[1])))
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    return max(0.0, float(metric.compute()))
+    with _single_threaded_linalg():
+        return max(0.0, float(metric.compute()))
 
 
 def domain_fid(
@@ -86,4 +107,5 @@ def domain_fid(
     for t, is_real in ((real, True), (fake, False)):
         for start in range(0, t.shape[0], batch_size):
             metric.update(t[start : start + batch_size], real=is_real)
-    return max(0.0, float(metric.compute()))
+    with _single_threaded_linalg():
+        return max(0.0, float(metric.compute()))

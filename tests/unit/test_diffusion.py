@@ -144,6 +144,22 @@ def test_resume_equals_uninterrupted_run_exactly(tmp_path: Path) -> None:
     assert a["lr_scheduler"] == b["lr_scheduler"]
 
 
+def test_export_from_checkpoint_and_card_notes(tmp_path: Path) -> None:
+    from models.diffusion import write_model_card
+    from models.diffusion.training import export_from_checkpoint
+
+    data = tiny_training_data(DATA_NPZ, 16)
+    train_generator(data, None, TrainingConfig.tiny(max_steps=2, batch_size=4), checkpoint_dir=tmp_path / "ck")
+    out = export_from_checkpoint(tmp_path / "ck", data, tmp_path / "gen", sample_grid=False)
+    meta = read_generator_metadata(out)
+    assert meta["training"]["steps"] == 2 and meta["weights_dtype"] == "float16"
+    assert (out / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o044 == 0o044  # world-readable
+    write_model_card(out, "Measured: nothing yet.")
+    assert "Measured: nothing yet." in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="does not match"):
+        export_from_checkpoint(tmp_path / "ck", tiny_training_data(DATA_NPZ, 8), tmp_path / "gen2")
+
+
 def test_resume_rejects_a_different_config(tmp_path: Path) -> None:
     data = tiny_training_data(DATA_NPZ, 16)
     train_generator(data, None, TrainingConfig.tiny(max_steps=2, batch_size=4), checkpoint_dir=tmp_path)
