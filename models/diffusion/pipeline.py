@@ -263,6 +263,9 @@ class CXRDiffusionPipeline:
         ``guidance_scale`` > 1 applies classifier-free guidance with the null class (cond and uncond
         run in one batch). ``callback(step, total, message)`` is called after each denoising step of
         each batch and may raise ``Canceled``. ``resolution``, when given, must match the model.
+        ``batch_size`` (default :meth:`auto_batch_size`) is the number of images denoised together; the
+        UNet itself always runs ``self.micro_batch`` images per call (for bit-exact reproducibility),
+        so a multiple of ``micro_batch`` avoids padding work. Output does not depend on it.
         """
         if resolution is not None and int(resolution) != self.resolution:
             raise ValueError(f"resolution {resolution} requested; this generator makes {self.resolution} px images")

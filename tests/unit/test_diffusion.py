@@ -223,6 +223,19 @@ def test_same_bytes_whatever_the_batch_size_or_shard(pipe: CXRDiffusionPipeline,
     assert not np.array_equal(whole, other_seed)
 
 
+def test_same_bytes_across_several_padded_micro_batches(tiny: tuple[Path, float]) -> None:
+    """micro_batch 2: batch 5 = three UNet calls (last one padded) vs one image per call."""
+    p = CXRDiffusionPipeline.from_pretrained(tiny[0], device="cpu", micro_batch=2)
+    labels = ["pneumonia", "normal", "normal", "pneumonia", "normal"]
+    kw = dict(seed=3, num_inference_steps=4, guidance_scale=3.0)
+    together = p(labels=labels, batch_size=5, **kw).images  # type: ignore[arg-type]
+    apart = np.concatenate(
+        [p(labels=[lab], image_indices=[i], batch_size=1, **kw).images  # type: ignore[arg-type]
+         for i, lab in enumerate(labels)]
+    )
+    assert np.array_equal(together, apart)
+
+
 def test_metadata_progress_and_output_types(pipe: CXRDiffusionPipeline) -> None:
     calls: list[tuple[int, int]] = []
     out = pipe(labels=["pneumonia", 0], seed=1, num_inference_steps=3, batch_size=1,
