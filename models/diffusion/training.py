@@ -26,11 +26,10 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from models.callbacks import Canceled, OnStep, no_progress
+from models.checkpoints import read_checkpoint, save_checkpoint_atomic
 from models.data.folders import images_to_array, list_image_folder
 from models.device import autocast_for, pick_device
 from models.diffusion.config import TrainingConfig
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -173,25 +172,9 @@ def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint_atomic(payload: dict[str, Any], checkpoint_dir: Path) -> Path:
-    """Write ``checkpoint.pt`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir / CHECKPOINT_NAME
-    tmp = checkpoint_dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as fh:  # flush to disk before the rename makes it visible
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
-
-
 def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`train_generator` (CPU tensors)."""
-    path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only=False: the checkpoint holds numpy / python RNG states, and it is our own file.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint(checkpoint_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ exports the encoder with :func:`~models.ssl.export.export_encoder`.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset
 
 from models.callbacks import Canceled, OnStep, no_progress
+from models.checkpoints import CHECKPOINT_NAME, read_checkpoint, save_checkpoint_atomic
 from models.device import autocast_for, pick_device
 from models.ssl.augment import normalize
 from models.ssl.backbones import backbone_kwargs, create_backbone
@@ -31,7 +31,6 @@ from models.ssl.data import DataSummary, StepBatchSampler, pretraining_dataset
 from models.ssl.dino import DINO
 from models.ssl.simclr import SimCLR
 
-CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cxrsynth-ssl-checkpoint/1"
 
 
@@ -58,26 +57,10 @@ def build_ssl_model(config: PretrainConfig) -> SSLModel:
     return SimCLR(backbone, config)
 
 
-def save_checkpoint_atomic(payload: dict[str, Any], checkpoint_dir: str | Path) -> Path:
-    """Write ``checkpoint.pt`` via a temporary file, fsync and ``os.replace`` (never half-written)."""
-    d = Path(checkpoint_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / CHECKPOINT_NAME
-    tmp = d / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
-
-
 def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`pretrain` (CPU tensors)."""
     path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only=False: the checkpoint holds numpy / python RNG states, and it is our own file.
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint_dir)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an SSL checkpoint (format {state.get('format')!r})")
     return state
