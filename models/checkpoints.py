@@ -1,8 +1,13 @@
-"""Training-state files shared by every resumable loop (generator training, SSL pretraining)."""
+"""Atomic files and folders: training-state checkpoints of every resumable loop (generator training, SSL
+pretraining) and exported model folders (generators, encoders), never visible half-written."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +37,27 @@ def read_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
     # weights_only=False: the checkpoint holds numpy / python RNG states, and it is our own file.
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     return state
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``out_dir`` in one rename.
+
+    A reader (the worker loading a generator, a download) sees the old folder or the new one, never a
+    partial export; on error the temporary folder is removed and ``out_dir`` is left untouched. The
+    folder is made world-readable (``mkdtemp`` creates it 0700): exported models are read by other users.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,9 @@ from PIL import Image
 from safetensors.numpy import load_file as load_numpy_safetensors
 from safetensors.numpy import save_file as save_numpy_safetensors
 
+from models.checkpoints import atomic_directory
 from models.diffusion.config import TrainingConfig
+from models.provenance import data_sources_for
 
 if TYPE_CHECKING:
     from models.diffusion.training import TrainingData
@@ -47,24 +47,6 @@ TRAINING_INDEX = "training_index.safetensors"
 INDEX_EMBED_SIZE = 16
 FORMAT = "cxrsynth-generator/1"
 
-# Attribution lines copied from the shared data README (keep them with any derived model card).
-_KERMANY = """- Kermany D., Zhang K., Goldbaum M. (2018), "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray
-  Images for Classification", Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 — CC BY 4.0."""
-_V7 = """- Lung masks: V7 Labs, "COVID-19 X-ray dataset" lung annotations of the Kermany images — CC BY 4.0."""
-_MEDMNIST = """- PneumoniaMNIST: Yang J. et al. (2023), "MedMNIST v2", Scientific Data 10:41 — CC BY 4.0."""
-DATA_SOURCES = "\n".join((_KERMANY, _V7, _MEDMNIST))
-
-
-def data_sources_for(source: str) -> str:
-    """Attribution lines of the data set a generator was trained on (all known ones if unknown)."""
-    s = source.lower()
-    if "kermany" in s:
-        return _KERMANY
-    if "pneumoniamnist" in s:
-        return "\n".join((_MEDMNIST, _KERMANY + " (the source images of PneumoniaMNIST)"))
-    if "lung-seg" in s:
-        return "\n".join((_KERMANY, _V7))
-    return DATA_SOURCES
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +163,7 @@ def export_generator(
 ) -> Path:
     """Write a complete generator directory (built in a temp dir, then moved into place)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         dtype = torch.float16 if config.export_fp16 else torch.float32
         model = ema_unet(ema, unet, dtype=dtype)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -195,17 +175,6 @@ def export_generator(
         if sample_grid:
             _export_sample_grid(tmp)
         (tmp / "README.md").write_text(model_card(meta, notes=notes, has_grid=sample_grid))
-        # mkdtemp makes the folder 0700 and some writers use 0600: a generator is read by other users
-        # (the worker), so make it world-readable like any shipped file.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -7,6 +7,7 @@ bit-for-bit, and exports the EMA weights in diffusers format (see :mod:`models.d
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -206,6 +207,23 @@ def _as_training_data(
     return td
 
 
+def _warm_start(unet: UNet2DModel, generator_dir: str | Path, label_names: Sequence[str]) -> None:
+    """Load an exported generator's (EMA, possibly fp16) weights into ``unet`` as float32."""
+    meta_path = Path(generator_dir) / "cxrsynth.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{generator_dir} is not a generator directory (no cxrsynth.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("conditional") and list(meta.get("labels", {})) != list(label_names):
+        raise ValueError(f"warm start: generator labels {list(meta['labels'])} differ from data labels "
+                         f"{list(label_names)}")
+    src = UNet2DModel.from_pretrained(str(generator_dir))
+    state = {k: v.float() for k, v in src.state_dict().items()}
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"warm start: architecture differs from {generator_dir} "
+                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
 def _resize_data(td: TrainingData, config: TrainingConfig) -> TrainingData:
     """Resize in-memory images (e.g. 28 px PneumoniaMNIST) to the training resolution."""
     from PIL import Image
@@ -233,6 +251,7 @@ def train_generator(
     preview_dir: str | Path | None = None,
     preview_every: int = 0,
     sample_grid: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainingResult:
     """Train a generator and export it to ``out_dir`` in diffusers format (EMA weights).
 
@@ -254,6 +273,8 @@ def train_generator(
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     unet: UNet2DModel = cast(Any, build_unet(config, num_labels)).to(dev)  # cast: see pipeline
+    if init_from is not None and not resume:
+        _warm_start(unet, init_from, td.label_names)
     unet.train()
     if dev.type == "cuda":
         unet = cast(Any, unet).to(memory_format=torch.channels_last)
@@ -444,7 +465,6 @@ def _write_preview(
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m models.diffusion.training --data DIR --out DIR [--resume]``."""
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--data", required=True, help="ImageFolder (class-conditional) or folder of images")
@@ -459,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--preview-dir", default=None)
     ap.add_argument("--preview-every", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--init-from", default=None, help="generator dir to warm-start from (same architecture)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -486,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = train_generator(
         args.data, args.out, config, checkpoint_dir=args.checkpoint_dir, resume=args.resume, on_step=log,
         device=args.device, preview_dir=args.preview_dir, preview_every=args.preview_every,
+        init_from=args.init_from,
     )
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.0f} s, "
           f"exported to {result.out_dir}", flush=True)

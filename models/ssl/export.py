@@ -13,8 +13,6 @@ An encoder directory holds::
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.checkpoints import atomic_directory
+from models.provenance import DATA_SOURCES
+
 FORMAT = "cxrsynth-encoder/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
-# Same attribution as the generator card (models/diffusion/export.py); kept here so the encoder
-# export does not import the diffusion stack.
-DATA_SOURCES = """\
-- Kermany D., Zhang K., Goldbaum M. (2018), "Labeled Optical Coherence Tomography (OCT) and Chest X-Ray
-  Images for Classification", Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 — CC BY 4.0.
-- Lung masks: V7 Labs, "COVID-19 X-ray dataset" lung annotations of the Kermany images — CC BY 4.0.
-- PneumoniaMNIST: Yang J. et al. (2023), "MedMNIST v2", Scientific Data 10:41 — CC BY 4.0."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -98,7 +92,6 @@ def export_encoder(
     ``pretraining`` describes the run (data summary, steps, config, device) for the model card.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
     state = {
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
@@ -109,17 +102,10 @@ def export_encoder(
         resolution=resolution, aspect_mode=aspect_mode, mean=mean, std=std,
         weights_dtype=str(dtype).removeprefix("torch."), method=method, pretraining=pretraining,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "architecture": model_name})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, notes=notes))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
