@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.cli_export import datasets_export
+from app.cli_ssl import evaluate_app, pretrain_cmd
 from app.core.config import Settings, get_settings
 
 app = typer.Typer(help="cxrsynth: privacy-safe synthetic chest X-rays and encoders pretrained on them.",
@@ -41,6 +43,9 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(encoders_app, name="encoders")
+datasets_app.command("export")(datasets_export)  # app/cli_export.py
+app.add_typer(evaluate_app, name="evaluate")  # app/cli_ssl.py
+app.command("pretrain")(pretrain_cmd)
 
 console = Console(stderr=True)
 LOCAL_TENANT = "local"

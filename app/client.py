@@ -34,6 +34,16 @@ class ApiError(Exception):
         super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".strip())
 
 
+def _raise_for_problem(resp: httpx.Response) -> None:
+    """:class:`ApiError` with the problem body for a 4xx/5xx answer."""
+    if resp.status_code >= 400:
+        try:
+            problem = resp.json()
+        except ValueError:
+            problem = {"title": resp.reason_phrase, "detail": resp.text[:500]}
+        raise ApiError(resp.status_code, problem)
+
+
 class CxrsynthClient:
     """Synchronous client. ``transport`` lets tests pass an ASGI transport to skip the network."""
 
@@ -54,12 +64,7 @@ class CxrsynthClient:
     # --- plumbing ------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw: Any) -> Any:
         resp = self._http.request(method, path, **kw)
-        if resp.status_code >= 400:
-            try:
-                problem = resp.json()
-            except ValueError:
-                problem = {"title": resp.reason_phrase, "detail": resp.text[:500]}
-            raise ApiError(resp.status_code, problem)
+        _raise_for_problem(resp)
         return resp.json() if resp.content else None
 
     def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -92,6 +97,23 @@ class CxrsynthClient:
         body = {"dataset_id": dataset_id, "name": name, "resolution": resolution, "steps": steps, **extra}
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         return JobOut.model_validate(self._request("POST", "/v1/generators", json=body, headers=headers))
+
+    def create_pretraining(self, *, dataset_ids: list[str], name: str, idempotency_key: str | None = None,
+                           **extra: Any) -> JobOut:
+        """Pretrain an encoder on your datasets (202); ``extra``: method, backbone, resolution, epochs or
+        steps, batch_size, learning_rate, fp16, seed, webhook_url."""
+        body = {"dataset_ids": dataset_ids, "name": name, **{k: v for k, v in extra.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        return JobOut.model_validate(self._request("POST", "/v1/pretrainings", json=body, headers=headers))
+
+    def create_evaluation(self, *, encoder_id: str, train_dataset_id: str, test_dataset_id: str,
+                          idempotency_key: str | None = None, **extra: Any) -> JobOut:
+        """Evaluate an encoder (or ``scratch``) on a train/test pair of your datasets (202); ``extra``: task,
+        mode, label_fraction, epochs, resolution, seed, webhook_url."""
+        body = {"encoder_id": encoder_id, "train_dataset_id": train_dataset_id, "test_dataset_id": test_dataset_id,
+                **{k: v for k, v in extra.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        return JobOut.model_validate(self._request("POST", "/v1/evaluations", json=body, headers=headers))
 
     def get_job(self, job_id: str) -> JobOut:
         return JobOut.model_validate(self._request("GET", f"/v1/jobs/{job_id}"))
@@ -134,9 +156,20 @@ class CxrsynthClient:
                                  files={"file": (path.name, f, "application/zip")})
         return DatasetOut.model_validate(data)
 
-    def dataset_download_link(self, dataset_id: str, format: str = "zip") -> DownloadLink:
-        return DownloadLink.model_validate(
-            self._request("GET", f"/v1/datasets/{dataset_id}/download", params={"format": format}))
+    def dataset_download_link(self, dataset_id: str, format: str = "zip", timeout_s: float = 3600.0) -> DownloadLink:
+        """The signed link of an export (``zip`` | ``webdataset`` | ``dicom``); while a worker builds it the
+        API answers 202 with ``Retry-After``, and this waits (up to ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            resp = self._http.get(f"/v1/datasets/{dataset_id}/download", params={"format": format})
+            if resp.status_code != 202:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {format} export of dataset {dataset_id} was still building after "
+                                   f"{timeout_s} s")
+            time.sleep(max(0.5, min(30.0, float(resp.headers.get("Retry-After", "5") or 5))))
+        _raise_for_problem(resp)
+        return DownloadLink.model_validate(resp.json())
 
     def download_dataset(self, dataset_id: str, out: str | Path, format: str = "zip") -> Path:
         """Fetch the export through its signed URL, streaming to ``out``."""

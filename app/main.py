@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.routes import admin as admin_routes
 from app.api.routes import datasets, encoders, evaluations, files, generations, generators, health, jobs, pretrainings
+from app.console.routes import install_console
 from app.core.config import Settings, get_settings
 from app.core.metrics import RequestMetricsMiddleware, ServiceMetrics, StateCollector
 from app.core.problems import install_problem_handlers
@@ -75,4 +77,6 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     install_problem_handlers(app)
     for module in (jobs, generations, generators, datasets, pretrainings, evaluations, encoders, files, health):
         app.include_router(module.router)
+    app.include_router(admin_routes.router)  # /v1/admin (app/api/routes/admin.py)
+    install_console(app)  # web console under /console (and / redirects there)
     return app

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     signing_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key for signed URLs.")
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     admin_token: SecretStr = Field(default=SecretStr(""), description="Enables admin endpoints when set.")
+    console_session_ttl_s: int = Field(default=8 * 3600, ge=60, le=7 * 24 * 3600,
+                                       description="Web console login lifetime (signed cookie).")
 
     # --- limits --------------------------------------------------------------------------------
     max_images_per_job: int = Field(default=10_000, ge=1)
@@ -62,6 +64,8 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(default=24 * 3600, ge=60, description="Hard time limit of one task.")
     visibility_timeout_s: int = Field(default=26 * 3600, description="Above the longest job.")
     max_task_attempts: int = Field(default=3, ge=1, description="Deliveries before a job fails.")
+    privacy_max_attempts: int = Field(default=4, ge=1, description="Samples (seeds) tried per image before "
+                                      "the memorisation gate fails it.")
     device: str = Field(default="auto", description="Worker device: auto (CUDA if present), cpu, cuda.")
     default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-64",
                                         description="Built-in generator used when a request names none.")

@@ -21,7 +21,9 @@ class DatasetOut(BaseModel):
     manifest_key: str | None
     card: dict[str, Any]
     privacy: dict[str, Any] | None = None
-    gate_status: str
+    gate_status: str = Field(description="Privacy gate of synthetic datasets: not_run | passed | failed.")
+    gate_override: dict[str, Any] | None = Field(
+        None, description="An admin's recorded override of the privacy gate (by, reason, at, gate_status).")
     source_job_id: str | None = None
     total_bytes: int
     created_at: datetime

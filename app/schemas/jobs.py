@@ -23,7 +23,19 @@ works) and never sees the raw request. After the commit the API sends ``TASK_STA
     ``tenant_key(t, "generators", id, ...)`` (diffusers layout + ``cxrsynth.json`` + ``README.md``) and
     writes :class:`GeneratorTrainingResult`.
 
-``pretraining`` and ``evaluation`` are validated but not accepted yet (501): their worker lands later.
+``pretraining`` -> :class:`PretrainingParams`
+    Pretrain ``method`` on ``backbone`` over the images of ``datasets`` (each ``{id, prefix, origin,
+    num_images, layout}``; a ``segmentation`` layout contributes its ``images/`` only) for ``steps``
+    steps. The worker creates the ``Encoder`` row (status ``training`` -> ``ready``; ``failed`` /
+    ``canceled``), its files under ``tenant_key(t, "encoders", id, ...)`` (``model.safetensors``,
+    ``config.json``, ``README.md``), checkpoints under ``data_dir/checkpoints/<job id>`` (a redelivered
+    task resumes) and writes :class:`PretrainingResult`.
+
+``evaluation`` -> :class:`EvaluationParams`
+    Evaluate ``encoder`` (``scratch:<backbone>`` or an encoder id, ``encoder_builtin`` when shipped) on
+    ``train_dataset`` / ``test_dataset`` with ``models.evaluation``; ``Job.result`` is
+    :class:`EvaluationResult` (the full report included). A tenant's own encoder also gets the
+    summary in ``Encoder.metrics["evaluations"]``; built-in encoders are shared, so never.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc")
 # Steps per sampler when a request gives none (as models.diffusion.pipeline.DEFAULT_STEPS).
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20}
 SEED_MAX = 2**32 - 1
+MAX_PRETRAINING_STEPS = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,22 +154,41 @@ class GeneratorTrainingRequest(BaseModel):
 
 
 class PretrainingRequest(BaseModel):
-    """Self-supervised encoder pretraining on real and/or synthetic datasets (not available yet)."""
+    """Self-supervised encoder pretraining (DINO or SimCLR) on one or more of the tenant's datasets, real
+    and/or synthetic. Give ``steps``, or ``epochs`` (passes over all images; converted to steps); neither
+    means 100 epochs. Datasets in the segmentation layout (labels ``images`` and ``masks``) contribute
+    their ``images`` only."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_ids: list[str] = Field(min_length=1, max_length=32)
     name: str = Field(min_length=1, max_length=200)
     method: Literal["dino", "simclr"] = "dino"
-    backbone: str = Field("resnet18", min_length=1, max_length=64)
-    epochs: int = Field(100, ge=1, le=10_000)
-    batch_size: int = Field(256, ge=1, le=4096)
+    backbone: Literal["resnet18", "resnet50", "vit_small_patch16_224"] = "resnet18"
+    resolution: int = Field(64, ge=32, le=512, description="Input size in pixels, a multiple of 16.")
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    steps: int | None = Field(None, ge=1, le=MAX_PRETRAINING_STEPS)
+    batch_size: int = Field(256, ge=2, le=4096)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate; default per method.")
+    fp16: bool = Field(False, description="Export the weights in float16 (half the download).")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     webhook_url: WebhookUrl | None = None
 
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> PretrainingRequest:
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give epochs or steps, not both")
+        if self.resolution % 16:
+            raise ValueError("resolution must be a multiple of 16 (ViT patch size)")
+        if len(set(self.dataset_ids)) != len(self.dataset_ids):
+            raise ValueError("dataset_ids must not repeat a dataset")
+        return self
+
 
 class EvaluationRequest(BaseModel):
-    """Downstream evaluation of an encoder on a train/test dataset pair (not available yet)."""
+    """Downstream evaluation of an encoder (an encoder id, ``scratch`` or ``scratch:<backbone>``) on a
+    train/test pair of the tenant's datasets: ``classification`` needs two-class ImageFolder datasets with
+    the same labels, ``segmentation`` datasets in the ``images``/``masks`` layout."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -164,7 +196,12 @@ class EvaluationRequest(BaseModel):
     train_dataset_id: str = Field(min_length=1, max_length=64)
     test_dataset_id: str = Field(min_length=1, max_length=64)
     task: Literal["classification", "segmentation"] = "classification"
-    seeds: int = Field(3, ge=1, le=20)
+    mode: Literal["linear", "finetune"] | None = Field(
+        None, description="Default: linear for classification, finetune for segmentation.")
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training split with labels.")
+    epochs: int | None = Field(None, ge=1, le=1000, description="Training epochs; default per task.")
+    resolution: int | None = Field(None, ge=16, le=512, description="Default: the encoder's (scratch: 64).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the split, the training and the bootstrap.")
     webhook_url: WebhookUrl | None = None
 
 
@@ -217,3 +254,76 @@ class GeneratorTrainingResult(BaseModel):
     generator_id: str
     steps: int | None = None
     final_loss: float | None = None
+
+
+class PretrainingDataset(BaseModel):
+    """One dataset of a pretraining job, as the worker reads it."""
+
+    id: str
+    prefix: str
+    origin: str
+    num_images: int = Field(description="Images the job uses from it (masks excluded).")
+    layout: Literal["imagefolder", "segmentation"]
+
+
+class PretrainingParams(BaseModel):
+    """``Job.params`` of a ``pretraining`` job (resolved: steps computed, seed drawn)."""
+
+    dataset_ids: list[str]
+    datasets: list[PretrainingDataset]
+    num_images: int
+    name: str = Field(description="Name of the encoder the job creates.")
+    method: Literal["dino", "simclr"]
+    backbone: Literal["resnet18", "resnet50", "vit_small_patch16_224"]
+    resolution: int
+    epochs: int | None = Field(description="As requested (null when steps were given).")
+    steps: int
+    batch_size: int
+    learning_rate: float | None
+    fp16: bool
+    seed: int
+
+
+class PretrainingResult(BaseModel):
+    """``Job.result`` of a succeeded ``pretraining`` job (written by the worker)."""
+
+    encoder_id: str
+    steps: int | None = None
+    final_loss: float | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class EvaluationDataset(BaseModel):
+    """A dataset of an evaluation job, as the worker reads it."""
+
+    id: str
+    prefix: str
+    num_images: int
+    label_counts: dict[str, int]
+
+
+class EvaluationParams(BaseModel):
+    """``Job.params`` of an ``evaluation`` job (mode resolved from the task)."""
+
+    encoder: str = Field(description="'scratch:<backbone>' or the encoder id.")
+    encoder_id: str | None = Field(description="Null for scratch.")
+    encoder_builtin: bool
+    task: Literal["classification", "segmentation"]
+    mode: Literal["linear", "finetune"]
+    label_fraction: float
+    epochs: int | None
+    resolution: int | None
+    seed: int
+    train_dataset: EvaluationDataset
+    test_dataset: EvaluationDataset
+
+
+class EvaluationResult(BaseModel):
+    """``Job.result`` of a succeeded ``evaluation`` job (written by the worker)."""
+
+    task: str
+    mode: str
+    label_fraction: float
+    encoder: str
+    metrics: dict[str, dict[str, float]] = Field(description="metric -> {value, low, high, confidence, ...}.")
+    report: dict[str, Any] = Field(description="The full models.evaluation report (split, selection, config).")

@@ -4,7 +4,12 @@ Key layout of a dataset ``id`` of tenant ``t`` (built with ``tenant_key``)::
 
     tenants/t/datasets/id/images/LABEL/NAME.png   8-bit grey PNGs (uploads; registered prefixes stay put)
     tenants/t/datasets/id/manifest.csv            file,label,sha256 (file relative to Dataset.prefix)
-    tenants/t/datasets/id/exports/id.zip          zip export (images + manifest.csv + dataset.json)
+    tenants/t/datasets/id/exports/id.zip          zip export (images, manifest.csv, card.json, README.md)
+    tenants/t/datasets/id/exports/id-webdataset.tar   WebDataset export (built on request by a worker)
+    tenants/t/datasets/id/exports/id-dicom.zip    DICOM export of synthetic datasets (on request)
+
+Uploads and registrations build the zip export when they are stored (a registered prefix is captured as
+it was registered); the other formats are built by a worker on request (see ``app.services.releases``).
 
 Objects are written only after the whole upload validated; if storing fails part-way, everything under
 the dataset's key space is deleted before the error propagates and no row is committed.
@@ -32,15 +37,15 @@ from app.core.problems import Conflict, InvalidInput, NotFound
 from app.db.orm import ACTIVE_STATUSES, Dataset, Job, new_id
 from app.schemas.common import DownloadLink
 from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat
+from app.schemas.releases import ExportPending
+from app.services import releases
 from app.services.exports import (
     ManifestRow,
     build_zip_export,
-    dataset_export_key,
     dataset_root,
     image_key,
     manifest_csv,
     parse_manifest,
-    safe_filename,
     signed_download,
 )
 from app.services.pagination import as_utc, check_limit, decode_cursor, encode_cursor, paginate_newest_first
@@ -66,7 +71,8 @@ def dataset_out(ds: Dataset) -> DatasetOut:
         id=ds.id, name=ds.name, origin=ds.origin, status=ds.status, num_images=ds.num_images,  # type: ignore[arg-type]
         label_counts={k: int(v) for k, v in (ds.label_counts or {}).items()}, prefix=ds.prefix,
         manifest_key=ds.manifest_key, card=ds.card or {}, privacy=ds.privacy, gate_status=ds.gate_status,
-        source_job_id=ds.source_job_id, total_bytes=ds.total_bytes, created_at=as_utc(ds.created_at),
+        gate_override=ds.gate_override, source_job_id=ds.source_job_id, total_bytes=ds.total_bytes,
+        created_at=as_utc(ds.created_at),
     )
 
 
@@ -207,6 +213,8 @@ def register_dataset(
     try:
         assert ds.manifest_key is not None
         store.put_bytes(ds.manifest_key, manifest_csv(rows), "text/csv")
+        # The zip captures the objects as registered (they are the tenant's and may change later).
+        build_zip_export(store, ds)
         session.add(ds)
         session.commit()
     except BaseException:
@@ -256,7 +264,9 @@ def list_dataset_images(
     """One page of a dataset's manifest rows (optionally of one label) with a signed URL per image."""
     limit = check_limit(limit, settings.page_size_max)
     ds = get_dataset(session, tenant_id, dataset_id)
-    rows = _MANIFESTS.get(store, _ready(ds))
+    manifest_key = _ready(ds)
+    releases.check_release_allowed(ds)  # signed image URLs are downloads too
+    rows = _MANIFESTS.get(store, manifest_key)
     if label is not None:
         wanted = label.strip().lower()
         rows = [r for r in rows if r.label == wanted]
@@ -281,18 +291,17 @@ def list_dataset_images(
 def dataset_download(
     session: Session, store: ObjectStore, settings: Settings, tenant_id: str, dataset_id: str,
     fmt: DownloadFormat = "zip",
-) -> DownloadLink:
-    """A signed URL of the dataset's zip export (built on first request if missing)."""
+) -> DownloadLink | ExportPending:
+    """A signed URL of the dataset's export in ``fmt``, or :class:`ExportPending` while a worker builds it.
+
+    404 for other tenants' datasets, 409 ``format-not-available`` (DICOM of real images), 409 ``not-ready``,
+    409 ``privacy-gate`` for a synthetic dataset whose gate did not pass and was not overridden.
+    """
     ds = get_dataset(session, tenant_id, dataset_id)
-    if fmt != "zip":
-        raise Conflict(f"format {fmt!r} is not available yet; use format=zip", slug="format-not-available",
-                       available=["zip"])
+    releases.check_format(ds, fmt)
     _ready(ds)
-    key = dataset_export_key(ds)
-    if not store.exists(key):
-        build_zip_export(store, ds, key)
-    filename = f"{safe_filename(ds.name, default='dataset')}-{ds.id[:8]}.zip"
-    return signed_download(store, settings, key, filename, "application/zip")
+    releases.check_release_allowed(ds)
+    return releases.request_export(session, store, settings, ds, fmt)
 
 
 def delete_dataset(session: Session, store: ObjectStore, tenant_id: str, dataset_id: str) -> None:

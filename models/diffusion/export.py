@@ -6,6 +6,7 @@ A generator directory holds, at its root::
     scheduler_config.json                              DDPMScheduler.save_pretrained
     cxrsynth.json                                      labels -> class ids, resolution, provenance
     training_index.safetensors                         SHA-256 + 16x16 embedding per training image
+    privacy_index.safetensors, privacy_calibration.json  memorisation gate features + thresholds
     README.md                                          model card
 
 so ``UNet2DModel.from_pretrained(dir)`` and ``DDPMScheduler.from_pretrained(dir)`` work without
@@ -121,6 +122,29 @@ def load_training_index(generator_dir: str | Path) -> TrainingIndex:
     )
 
 
+def write_privacy_index(generator_dir: Path, data: TrainingData, device: str = "auto") -> bool:
+    """Privacy index + calibrated thresholds of the memorisation gate (:mod:`models.privacy.index`).
+
+    Patient ids are not part of :class:`TrainingData`, so the calibration skips only exact duplicates
+    (recorded in ``privacy_calibration.json``); ``cxrsynth privacy-index`` rebuilds it from the training
+    folder with patient ids. Returns False (and logs why) when the set is too small to calibrate: the
+    generator then works without a gate and its datasets are recorded ``not_run``.
+    """
+    import logging
+
+    from models.privacy.index import build_privacy_index, save_privacy_index
+
+    try:
+        index, calibration = build_privacy_index(
+            data.images, labels=data.labels, patient_ids=getattr(data, "patient_ids", None), source=data.source,
+            device=device)
+    except ValueError as exc:
+        logging.getLogger(__name__).warning("no privacy index for %s: %s", generator_dir, exc)
+        return False
+    save_privacy_index(generator_dir, index, calibration)
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Weights and metadata
 # --------------------------------------------------------------------------------------------
@@ -169,6 +193,7 @@ def export_generator(
         model.save_pretrained(tmp, safe_serialization=True)
         DDPMScheduler(**config.scheduler_kwargs()).save_pretrained(tmp)
         save_training_index(data.images, data.labels, config.resolution, tmp / TRAINING_INDEX)
+        write_privacy_index(tmp, data)
         meta = _metadata(config, data, steps=steps, wall_seconds=wall_seconds, device=device,
                          dtype=str(dtype).removeprefix("torch."))
         (tmp / CXRSYNTH_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -269,8 +294,11 @@ diffusers format: `UNet2DModel.from_pretrained(dir)` and `DDPMScheduler.from_pre
 {grid}
 ## Privacy
 `training_index.safetensors` holds, per training image, the SHA-256 of its pixels at the training
-resolution and a 16x16 intensity-normalised embedding (float16) — never the images. The privacy gate
-(`models.privacy`) uses it to reject near-copies of training images.
+resolution and a 16x16 intensity-normalised embedding (float16). `privacy_index.safetensors` holds the
+features the memorisation gate (`models.privacy`) searches (a 14x14 pixel vector and a copy-detection
+embedding per image, fp16) and `privacy_calibration.json` its thresholds, calibrated on how close real
+images of other patients are to the training set. Features, never the images. Every generated image
+closer to a training image than the thresholds allow is replaced by a new sample.
 
 ## Data sources and licences
 The weights are a derived work of the training data, licensed CC BY 4.0:

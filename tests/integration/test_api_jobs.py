@@ -307,19 +307,6 @@ def test_generator_training_job(client: TestClient, tenant: TenantAuth, api_sett
             s.commit()
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/pretrainings", {"dataset_ids": ["abc"], "name": "enc"}),
-    ("/v1/evaluations", {"encoder_id": "e", "train_dataset_id": "a", "test_dataset_id": "b"}),
-])
-def test_pretraining_and_evaluation_are_not_available_yet(client: TestClient, tenant: TenantAuth, unchanged: Any,
-                                                          path: str, body: dict[str, Any]) -> None:
-    with unchanged():
-        assert_problem(client.post(path, json=body, headers=tenant.headers), 501, "not-available-yet")
-        assert_problem(client.post(path, json={"bogus": 1}, headers=tenant.headers), 422, "validation-error")
-    description = client.get("/openapi.json").json()["paths"][path]["post"]["description"]
-    assert "not available yet" in description.lower()
-
-
 def test_broker_down_leaves_no_job(settings_with: Callable[..., Settings], tenant: TenantAuth,
                                    unchanged: Any) -> None:
     settings = settings_with(broker_url="redis://127.0.0.1:1/0")

@@ -135,7 +135,8 @@ def test_zip_export_is_deterministic(tmp_path: Path) -> None:
     build_zip_export(store, ds)
     assert store.get_bytes(key) == first  # same bytes on a re-run
     with zipfile.ZipFile(store.path_of(key)) as zf:
-        assert zf.namelist() == ["normal/a.png", "pneumonia/b.png", "manifest.csv", "dataset.json"]
+        assert zf.namelist() == ["normal/a.png", "pneumonia/b.png", "manifest.csv", "dataset.json", "card.json",
+                                 "README.md"]
         assert zf.read("normal/a.png") == b"normal/a.png"
 
 

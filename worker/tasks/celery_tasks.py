@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from app.core.config import get_settings
 from app.core.queue import (
+    TASK_BUILD_EXPORT,
     TASK_DELIVER_WEBHOOK,
     TASK_FINALIZE_JOB,
     TASK_GENERATION_SHARD,
@@ -15,7 +16,7 @@ from app.core.queue import (
 from worker.celery_app import celery_app
 from worker.dispatch import CeleryDispatcher
 from worker.runtime import WorkerContext
-from worker.tasks import jobs
+from worker.tasks import exports, jobs
 
 
 @lru_cache(maxsize=1)
@@ -48,3 +49,8 @@ def run_job(job_id: str) -> None:
 @celery_app.task(name=TASK_DELIVER_WEBHOOK)
 def deliver_webhook(job_id: str) -> None:
     jobs.deliver_webhook(context(), job_id)
+
+
+@celery_app.task(name=TASK_BUILD_EXPORT)
+def build_export(dataset_id: str, fmt: str) -> None:
+    exports.build_export(context(), dataset_id, fmt)

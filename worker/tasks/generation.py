@@ -36,10 +36,12 @@ from worker.runtime import (
     mark_running,
     record_event,
 )
+from worker.tasks import privacy
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ["file", "label", "sha256", "index", "seed", "sampler", "steps", "guidance", "generator_id"]
+MANIFEST_FIELDS = ["file", "label", "sha256", "index", "seed", "sampler", "steps", "guidance", "generator_id",
+                   "nn_pixel_similarity", "nn_embedding_similarity", "replaced"]  # last three: privacy gate
 _PIPELINES: dict[str, Any] = {}
 
 
@@ -198,6 +200,7 @@ def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
     t0 = time.perf_counter()
     try:
         pipe = load_pipeline(ctx, generator)
+        gate = privacy.load_gate(ctx, generator_dir(ctx, generator)) if todo else None
         batch = max(1, min(len(todo), pipe.auto_batch_size())) if todo else 1
         extra = {} if params.get("guidance_scale") is None else {"guidance_scale": float(params["guidance_scale"])}
         for b in range(0, len(todo), batch):
@@ -211,12 +214,28 @@ def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
                 on_step(done_before + (m * k) // max(total, 1), stop - start, f"shard {shard_index}: {message}")
 
             conditional = plan[idx[0]] is not None
-            out = pipe(labels=[plan[i] for i in idx] if conditional else None,
-                       num_images=None if conditional else len(idx), image_indices=idx, seed=int(params["seed"]),
-                       sampler=params.get("sampler", "dpmsolver++"),
-                       num_inference_steps=params.get("num_inference_steps"), batch_size=batch,
-                       callback=denoise_progress, output_type="np", **extra)
-            for i, img in zip(idx, out.images, strict=True):
+
+            def sample(indices: list[int], seed: int, progress: Any = denoise_progress,
+                       conditional: bool = conditional) -> Any:
+                return pipe(labels=[plan[i] for i in indices] if conditional else None,
+                            num_images=None if conditional else len(indices), image_indices=indices, seed=seed,
+                            sampler=params.get("sampler", "dpmsolver++"),
+                            num_inference_steps=params.get("num_inference_steps"), batch_size=batch,
+                            callback=progress, output_type="np", **extra).images
+
+            images = sample(idx, int(params["seed"]))
+            if gate is not None:
+                # Rejected images are sampled again from seeds of (job seed, i, attempt); the record of
+                # each image is stored before its PNG (see worker.tasks.privacy).
+                def cancel_check(k: int, total: int, message: str, done: int = done_before) -> None:
+                    on_step(done, stop - start, f"shard {shard_index}: privacy gate, replacing: {message}")
+
+                gated = privacy.gate_batch(gate, images, idx, lambda ii, sd: sample(ii, sd, cancel_check),
+                                           int(params["seed"]), ctx.settings.privacy_max_attempts)
+                images = gated.images
+                for record in gated.records:
+                    privacy.put_record(ctx, dataset, record)
+            for i, img in zip(idx, images, strict=True):
                 ctx.store.put_bytes(image_key(dataset, i, plan[i]), _png_bytes(img), "image/png")
             on_step(done_before + len(idx), stop - start, f"shard {shard_index}: {b + len(idx)}/{len(todo)} images")
     except Canceled:
@@ -259,12 +278,14 @@ def _delete_partial(ctx: WorkerContext, dataset_id: str) -> None:
             return
         ds.status = "canceled"
         prefix = ds.prefix
+        gate_prefix = privacy.privacy_prefix(ds)
     ctx.store.delete_prefix(prefix + "/")
+    ctx.store.delete_prefix(gate_prefix + "/")
 
 
 def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
     """Write manifest and card, build the zip export, mark dataset ready and job succeeded (idempotent)."""
-    from app.services.exports import build_zip_export
+    from app.services.exports import build_dataset_export
 
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id, lock=True)
@@ -295,6 +316,14 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
                      "seed": image_seed(int(params["seed"]), i), "sampler": params.get("sampler"),
                      "steps": params.get("num_inference_steps"), "guidance": params.get("guidance_scale"),
                      "generator_id": generator.id})
+    gate = privacy.finalize_privacy(
+        ctx, dataset, generator, generator_dir(ctx, generator), [str(r["file"]) for r in rows], plan,
+        lambda i: ctx.store.get_bytes(image_key(dataset, i, plan[i])), int(params["seed"]))
+    for row, columns in zip(rows, gate.columns, strict=True):
+        row.update(columns)
+    if gate.seeds is not None:  # a replaced image came from another seed than (job seed, i)
+        for row, seed in zip(rows, gate.seeds, strict=True):
+            row["seed"] = seed
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
     writer.writeheader()
@@ -310,7 +339,7 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
                                                   "guidance_scale", "seed")},
         "num_images": len(rows),
         "label_counts": counts,
-        "privacy_gate": "not run (the memorisation gate lands with the privacy issue)",
+        "privacy_gate": gate.summary,
         "intended_use": "research and pretraining; not for diagnosis",
         "data_sources": (generator.config or {}).get("data_sources")
         or (generator.config or {}).get("training_data"),
@@ -323,10 +352,14 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
         ds.label_counts = dict(counts)
         ds.manifest_key = manifest_key
         ds.card = card
+        ds.gate_status = gate.gate_status
+        ds.privacy = gate.summary
     with ctx.sessions() as s:
         ds = s.get(Dataset, dataset.id)
         assert ds is not None
-        total_bytes = build_zip_export(ctx.store, ds)
+        # The zip (with the dataset card: licences from the generator, privacy and generation figures);
+        # WebDataset and DICOM are built on request (app.services.releases).
+        total_bytes = build_dataset_export(ctx.store, ds, "zip", generator=generator)
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id, lock=True)
         ds = s.get(Dataset, dataset.id)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from app.core.queue import (
+    TASK_BUILD_EXPORT,
     TASK_DELIVER_WEBHOOK,
     TASK_FINALIZE_JOB,
     TASK_GENERATION_SHARD,
@@ -15,7 +16,9 @@ from app.core.queue import (
 )
 from app.db.orm import JobKind, JobStatus
 from worker.runtime import WorkerContext, load_job, mark_failed
-from worker.tasks import generation, training, webhooks
+from worker.tasks import exports, generation, ssl, training, webhooks
+
+SINGLE_TASK_KINDS = (JobKind.generator_training.value, JobKind.pretraining.value, JobKind.evaluation.value)
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +43,27 @@ def start_job(ctx: WorkerContext, job_id: str) -> None:
 
             mark_canceled(s, job)
             kind = ""
-        elif kind not in (JobKind.generation.value, JobKind.generator_training.value):
+        elif kind != JobKind.generation.value and kind not in SINGLE_TASK_KINDS:
             mark_failed(s, job, "unsupported job kind", f"this worker cannot run {kind!r} jobs yet")
             kind = ""
     if kind == JobKind.generation.value:
         generation.start_generation(ctx, job_id)
-    elif kind == JobKind.generator_training.value:
+    elif kind in SINGLE_TASK_KINDS:
         ctx.dispatcher.send(TASK_RUN_JOB, job_id)
     _notify_if_terminal(ctx, job_id)
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
-    """Single-task kinds (generator training today)."""
-    training.train_generator_job(ctx, job_id)
+    """Single-task kinds: generator training, pretraining, evaluation."""
+    with ctx.sessions() as s:
+        job = load_job(s, job_id)
+        kind = job.kind if job is not None else ""
+    if kind == JobKind.pretraining.value:
+        ssl.pretrain_job(ctx, job_id)
+    elif kind == JobKind.evaluation.value:
+        ssl.evaluate_job(ctx, job_id)
+    else:
+        training.train_generator_job(ctx, job_id)
     _notify_if_terminal(ctx, job_id)
 
 
@@ -82,4 +93,5 @@ def task_registry(ctx: WorkerContext) -> dict[str, Callable[..., None]]:
         TASK_FINALIZE_JOB: lambda job_id: finalize_job(ctx, job_id),
         TASK_RUN_JOB: lambda job_id: run_job(ctx, job_id),
         TASK_DELIVER_WEBHOOK: lambda job_id: deliver_webhook(ctx, job_id),
+        TASK_BUILD_EXPORT: lambda dataset_id, fmt: exports.build_export(ctx, dataset_id, fmt),
     }

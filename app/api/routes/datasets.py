@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.routes.jobs import CursorQuery, LimitQuery
 from app.core.problems import PayloadTooLarge, problem_responses
 from app.schemas.common import DownloadLink, Page
 from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat, RegisterDatasetRequest
+from app.schemas.releases import ExportPending
 from app.services import datasets as svc
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -84,20 +86,35 @@ def list_images(
     dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     label: Annotated[str | None, Query(max_length=100)] = None, cursor: CursorQuery = None, limit: LimitQuery = None,
 ) -> Page[DatasetImage]:
-    """Manifest rows in manifest order with a short-lived signed URL per image (the thumbnail pager)."""
+    """Manifest rows in manifest order with a short-lived signed URL per image (the thumbnail pager).
+    Gated like downloads: a synthetic dataset whose privacy gate did not pass answers 409 ``privacy-gate``."""
     items, next_cursor = svc.list_dataset_images(session, store, settings, tenant.id, dataset_id, label=label,
                                                  cursor=cursor, limit=limit)
     return Page[DatasetImage](items=items, next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}/download", response_model=DownloadLink, responses=problem_responses(401, 404, 409, 422))
+@router.get("/{dataset_id}/download", response_model=DownloadLink, responses={
+    202: {"model": ExportPending, "description": "The export is being built; ask again after Retry-After."},
+    **problem_responses(401, 404, 409, 422, 500, 503)})
 def download_dataset(
     dataset_id: str, tenant: TenantDep, session: SessionDep, store: StoreDep, settings: SettingsDep,
     format: DownloadFormat = "zip",
-) -> DownloadLink:
-    """A short-lived signed URL of the dataset as a zip (``LABEL/NAME.png`` + ``manifest.csv``).
-    ``webdataset`` and ``dicom`` are not available yet (409)."""
-    return svc.dataset_download(session, store, settings, tenant.id, dataset_id, format)
+) -> DownloadLink | JSONResponse:
+    """A short-lived signed URL (``url``, ``expires_at``, ``filename``) of the dataset's export.
+
+    * ``zip``: ``LABEL/NAME.png`` as stored, ``manifest.csv``, ``card.json`` and ``README.md`` (the dataset
+      card: sources and licences, generation config, privacy and fidelity figures, intended use);
+    * ``webdataset``: a tar of WebDataset shards (``KEY.png``, ``KEY.json``, ``KEY.cls``) + manifest + card;
+    * ``dicom`` (synthetic datasets only): a zip of Secondary Capture files marked synthetic, + manifest + card.
+
+    An export not built yet answers ``202`` with ``Retry-After`` while a worker builds it. A synthetic
+    dataset whose privacy gate did not pass answers 409 ``privacy-gate`` unless an admin overrode it.
+    """
+    result = svc.dataset_download(session, store, settings, tenant.id, dataset_id, format)
+    if isinstance(result, ExportPending):
+        return JSONResponse(result.model_dump(), status_code=202,
+                            headers={"Retry-After": str(result.retry_after_s)})
+    return result
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response,

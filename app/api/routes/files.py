@@ -27,7 +27,9 @@ def download_file(token: str, settings: SettingsDep, store: StoreDep) -> Respons
     try:
         grant = verify_download(settings.signing_secret.get_secret_value(), token)
     except InvalidToken as exc:
-        raise Forbidden("the download link is invalid or has expired", slug="invalid-download-token") from exc
+        detail = ("the download link has expired; ask the API for a new one" if str(exc) == "expired"
+                  else "the download link is invalid")
+        raise Forbidden(detail, slug="invalid-download-token") from exc
     filename = safe_filename(grant.filename, default="download")
     if isinstance(store, LocalStore):
         try:
