@@ -30,6 +30,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from app.cli_export import datasets_export
+from app.cli_privacy import privacy_check_cmd, privacy_index_cmd
 from app.cli_ssl import evaluate_app, pretrain_cmd
 from app.core.config import Settings, get_settings
 
@@ -46,6 +47,8 @@ app.add_typer(encoders_app, name="encoders")
 datasets_app.command("export")(datasets_export)  # app/cli_export.py
 app.add_typer(evaluate_app, name="evaluate")  # app/cli_ssl.py
 app.command("pretrain")(pretrain_cmd)
+app.command("privacy-check")(privacy_check_cmd)  # app/cli_privacy.py
+app.command("privacy-index")(privacy_index_cmd)
 
 console = Console(stderr=True)
 LOCAL_TENANT = "local"
@@ -360,7 +363,7 @@ def _local_tenant(s: Any) -> Any:
 
 
 def _export_folder(ctx: Any, dataset: Any, out: Path) -> int:
-    """Copy a dataset's images, manifest and card from the store into ``out`` (label subfolders)."""
+    """Copy a dataset's images, manifest, card and privacy report from the store into ``out`` (label subfolders)."""
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for obj in ctx.store.list(dataset.prefix + "/"):
@@ -369,9 +372,10 @@ def _export_folder(ctx: Any, dataset: Any, out: Path) -> int:
         ctx.store.download_file(obj.key, dest)
         n += 1
     base = dataset.prefix.rsplit("/", 1)[0]
-    for name in ("manifest.csv", "card.json"):
+    for name, target in (("manifest.csv", "manifest.csv"), ("card.json", "card.json"),
+                         ("privacy/report.json", "privacy_report.json"), ("privacy/report.png", "privacy_report.png")):
         if ctx.store.exists(f"{base}/{name}"):
-            ctx.store.download_file(f"{base}/{name}", out / name)
+            ctx.store.download_file(f"{base}/{name}", out / target)
     return n
 
 

@@ -20,6 +20,7 @@ import signal
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -367,6 +368,29 @@ def _finish_report(report: dict[str, Any], json_out: Path | None, primary: tuple
         console.print(f"report: {json_out}")
 
 
+def _run_evaluation(task: str, evaluate: Callable[..., dict[str, Any]], config_cls: Callable[..., Any],
+                    primary: tuple[str, ...], *, encoder: str, train_data: Path, test_data: Path, mode: Mode,
+                    label_fraction: float, json_out: Path | None, epochs: int | None, resolution: int | None,
+                    seed: int, bootstrap: int, device: str) -> None:
+    """Shared body of ``evaluate classification|segmentation``: check, run with a progress bar, print."""
+    _check_common(encoder, label_fraction, bootstrap, epochs, resolution)
+    kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution}
+    if epochs is not None:
+        kwargs["epochs"] = epochs
+    with _progress() as bar:
+        bar_task = bar.add_task(task, total=None)
+
+        def on_step(step: int, total: int, message: str) -> None:
+            bar.update(bar_task, completed=step, total=total or None, description=message[:60])
+
+        try:
+            report = evaluate(encoder, train_data, test_data, mode=mode.value, label_fraction=label_fraction,
+                              config=config_cls(**kwargs), json_path=json_out, on_step=on_step, device=device)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    _finish_report(report, json_out, primary)
+
+
 @evaluate_app.command("classification")
 def evaluate_classification_cmd(
     encoder: EncoderOpt,
@@ -387,23 +411,10 @@ def evaluate_classification_cmd(
     the training folder."""
     from models.evaluation import ClassificationConfig, evaluate_classification
 
-    _check_common(encoder, label_fraction, bootstrap, epochs, resolution)
-    kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution}
-    if epochs is not None:
-        kwargs["epochs"] = epochs
-    with _progress() as bar:
-        task = bar.add_task("classification", total=None)
-
-        def on_step(step: int, total: int, message: str) -> None:
-            bar.update(task, completed=step, total=total or None, description=message[:60])
-
-        try:
-            report = evaluate_classification(encoder, train_data, test_data, mode=mode.value,
-                                             label_fraction=label_fraction, config=ClassificationConfig(**kwargs),
-                                             json_path=json_out, on_step=on_step, device=device)
-        except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
-    _finish_report(report, json_out, ("auc",))
+    _run_evaluation("classification", evaluate_classification, ClassificationConfig, ("auc",), encoder=encoder,
+                    train_data=train_data, test_data=test_data, mode=mode, label_fraction=label_fraction,
+                    json_out=json_out, epochs=epochs, resolution=resolution, seed=seed, bootstrap=bootstrap,
+                    device=device)
 
 
 @evaluate_app.command("segmentation")
@@ -425,20 +436,7 @@ def evaluate_segmentation_cmd(
     HD95 with bootstrap 95% CIs; the epoch is selected on a patient-level validation split."""
     from models.evaluation import SegmentationConfig, evaluate_segmentation
 
-    _check_common(encoder, label_fraction, bootstrap, epochs, resolution)
-    kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution}
-    if epochs is not None:
-        kwargs["epochs"] = epochs
-    with _progress() as bar:
-        task = bar.add_task("segmentation", total=None)
-
-        def on_step(step: int, total: int, message: str) -> None:
-            bar.update(task, completed=step, total=total or None, description=message[:60])
-
-        try:
-            report = evaluate_segmentation(encoder, train_data, test_data, mode=mode.value,
-                                           label_fraction=label_fraction, config=SegmentationConfig(**kwargs),
-                                           json_path=json_out, on_step=on_step, device=device)
-        except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
-    _finish_report(report, json_out, ("dice",))
+    _run_evaluation("segmentation", evaluate_segmentation, SegmentationConfig, ("dice",), encoder=encoder,
+                    train_data=train_data, test_data=test_data, mode=mode, label_fraction=label_fraction,
+                    json_out=json_out, epochs=epochs, resolution=resolution, seed=seed, bootstrap=bootstrap,
+                    device=device)

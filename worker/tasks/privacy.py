@@ -22,7 +22,9 @@ import hashlib
 import io
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from worker.runtime import WorkerContext
 log = logging.getLogger(__name__)
 
 _GATES: dict[str, Any] = {}
+READ_WORKERS = 8
 NOT_RUN_REASON = ("the generator has no privacy index (made before the memorisation gate existed); build it with "
                   "`cxrsynth privacy-index --generator DIR --train-data DIR`")
 
@@ -172,15 +175,18 @@ def finalize_privacy(
         return PrivacyOutcome([{} for _ in range(n)], "not_run", summary, None)
     verdicts: list[ImageVerdict] = []
     seeds: list[int] = []
-    late: list[int] = []  # images stored without a record (e.g. the index was added mid-job): checked now
-    records: list[dict[str, Any] | None] = []
-    for i in range(n):
+
+    def read_record(i: int) -> dict[str, Any] | None:
         try:
-            records.append(json.loads(ctx.store.get_bytes(record_key(dataset, i))))
+            return dict(json.loads(ctx.store.get_bytes(record_key(dataset, i))))
         except ObjectNotFound:
-            records.append(None)
-            late.append(i)
-    if late:
+            return None
+
+    # Small objects, one GET each: read them in a few threads (S3 answers each with latency).
+    with ThreadPoolExecutor(max_workers=READ_WORKERS) as pool:
+        records: list[dict[str, Any] | None] = list(pool.map(read_record, range(n)))
+    late = [i for i, rec in enumerate(records) if rec is None]
+    if late:  # images stored without a record (e.g. the index was added mid-job): checked now
         from models.diffusion.pipeline import image_seed
 
         imgs = np.stack([_decode_png(read_image(i)) for i in late])
@@ -202,8 +208,6 @@ def finalize_privacy(
     report_key, png_key = f"{prefix}/report.json", f"{prefix}/report.png"
     report["files"] = {"json": report_key, "png": png_key}
     ctx.store.put_bytes(report_key, json.dumps(report, indent=2).encode(), "application/json")
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="cxr-privacy-") as tmp:
         path = write_privacy_png(Path(tmp) / "report.png", report, gate.index, verdicts,
                                  lambda pos: _decode_png(read_image(pos)))
