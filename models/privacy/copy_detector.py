@@ -13,7 +13,7 @@ Trained on the Kermany training images (the shipped generator's training set). I
 those very images under perturbation, so training on them is what it needs; the gate's thresholds are
 calibrated in its space by leave-one-out over the same images (:mod:`models.privacy.index`).
 
-Reproduce (CPU, ~50 min with one thread)::
+Reproduce (CPU: 2,209 s with one thread on a shared 2-core machine)::
 
     python -m models.privacy.copy_detector --data ../shared/data/kermany-pneumonia \
         --out models/weights/copy-detector-64

@@ -212,13 +212,15 @@ def write_privacy_png(
     fig = plt.figure(figsize=(13, 3.4 + 1.9 * rows), dpi=100)
     gs = fig.add_gridspec(1 + rows, 2 * ncols_pairs, height_ratios=[2.2] + [1.0] * rows, hspace=0.45, wspace=0.08,
                           left=0.05, right=0.98, top=1 - 0.45 / (3.4 + 1.9 * rows), bottom=0.02)
-    pct = closeness(verdicts, index)
+    pix_pct = _percentile(index.reference_pixel, np.array([v.pixel for v in verdicts]))
+    emb_pct = _percentile(index.reference_embedding, np.array([v.embedding for v in verdicts]))
     for k, space in enumerate(("pixel", "embedding")):
         ax = fig.add_subplot(gs[0, 4 * k + k : 4 * k + 4 - (1 - k)])
         h = report["histograms"][space]
         edges = np.asarray(h["edges"])
+        ours = "checked images vs train" if report.get("kind") == "audit" else "synthetic vs train (released)"
         for key, colour, lab in (("real_vs_train", "tab:blue", "real vs train (reference)"),
-                                 ("synthetic_vs_train", "tab:orange", "synthetic vs train (released)")):
+                                 ("synthetic_vs_train", "tab:orange", ours)):
             counts = np.asarray(h[key], dtype=float)
             dens = counts / max(counts.sum(), 1.0) / np.diff(edges)
             ax.stairs(dens, edges, fill=True, alpha=0.45, color=colour, label=f"{lab}, n={int(counts.sum())}")
@@ -241,15 +243,19 @@ def write_privacy_png(
         r, col = divmod(j, ncols_pairs)
         a1 = fig.add_subplot(gs[1 + r, 2 * col])
         a2 = fig.add_subplot(gs[1 + r, 2 * col + 1])
+        # The nearest training image in the space where this image is closest (relative to real pairs).
+        by_pixel = pix_pct[i] >= emb_pct[i]
+        row = v.pixel_neighbour if by_pixel else v.embedding_neighbour
         a1.imshow(synthetic_image(v.position), cmap="gray", vmin=0, vmax=255)
         if training_image is not None:
-            a2.imshow(training_image(v.pixel_neighbour), cmap="gray", vmin=0, vmax=255)
-            right = "training"
+            a2.imshow(training_image(row), cmap="gray", vmin=0, vmax=255)
+            right = "nearest training"
         else:
-            a2.imshow(index_thumbnail(index, v.pixel_neighbour), cmap="gray", vmin=0, vmax=255)
-            right = "training (14x14)"
+            a2.imshow(index_thumbnail(index, row), cmap="gray", vmin=0, vmax=255)
+            right = "nearest training 14x14"
         a1.set_title(f"{'' if v.passed else 'FAIL '}px {v.pixel:.3f} emb {v.embedding:.3f}", fontsize=7)
-        a2.set_title(f"{right}, {pct[i] * 100:.1f} pct", fontsize=7)
+        a2.set_title(f"{right} ({'px' if by_pixel else 'emb'}), {max(pix_pct[i], emb_pct[i]) * 100:.1f} pct",
+                     fontsize=7)
         for a in (a1, a2):
             a.set_xticks([])
             a.set_yticks([])

@@ -104,8 +104,10 @@ def _download(client: TestClient, auth: TenantAuth, ds_id: str, fmt: str = "zip"
     return client.get(f"/v1/datasets/{ds_id}/download", params={"format": fmt}, headers=auth.headers)
 
 
-def _export_tasks(redis_url: str) -> list[list[Any]]:
-    return [args for name, args in queued_tasks(redis_url, CPU_QUEUE) if name == TASK_BUILD_EXPORT]
+def _export_tasks(redis_url: str, dataset_ids: tuple[str, ...] | None = None) -> list[list[Any]]:
+    """Queued export builds (of ``dataset_ids`` only, when given: the queue is shared by the session's tests)."""
+    tasks = [args for name, args in queued_tasks(redis_url, CPU_QUEUE) if name == TASK_BUILD_EXPORT]
+    return tasks if dataset_ids is None else [args for args in tasks if args[0] in dataset_ids]
 
 
 def test_gate_blocks_downloads_until_an_admin_override_is_recorded(
@@ -136,7 +138,7 @@ def test_gate_blocks_downloads_until_an_admin_override_is_recorded(
     real = upload(client, tenant, [("r.zip", image_folder_zip({"normal": 1}))]).json()["id"]
     assert_problem(admin_client.post(f"/v1/admin/datasets/{real}/gate-override", json=body, headers=_admin()),
                    409, "gate-not-applicable")
-    assert _export_tasks(api_redis_url) == []  # nothing was built for a gated dataset
+    assert _export_tasks(api_redis_url, (failed, not_run, real)) == []  # nothing built for a gated dataset
 
     review = admin_client.get(f"/v1/admin/datasets/{failed}", headers=_admin()).json()
     assert review["tenant_id"] == tenant.id and review["privacy"] == {"max_nn_pixel_similarity": 0.97}
@@ -208,7 +210,7 @@ def test_foreign_tenant_and_unknown_format_change_nothing(client: TestClient, te
         for fmt in ("tar", "png", "", "ZIP"):
             problem = assert_problem(_download(client, tenant, ds_id, fmt), 422, "validation-error")
             assert problem["errors"][0]["loc"] == ["query", "format"]
-    assert _export_tasks(api_redis_url) == []
+    assert _export_tasks(api_redis_url, (ds_id,)) == []
 
 
 def test_exports_built_on_request_then_served(client: TestClient, tenant: TenantAuth, store: ObjectStore,
