@@ -14,6 +14,7 @@ guidance 2, seeded). Each row also says which test caught the copies (pixel, emb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,52 @@ def sample_genuine(generator: Path, n: int, seed: int) -> np.ndarray:
     return np.asarray(pipe(labels=labels, seed=seed, num_inference_steps=20, guidance_scale=2.0).images)
 
 
+def baselines(train: np.ndarray, patients: list[str], planted: np.ndarray, kinds: list[str], genuine: np.ndarray,
+              quantile: float, device: str) -> list[dict[str, Any]]:
+    """The same calibration and planted set with simpler detectors, to show what each design choice buys:
+    plain 32x32 NCC (no shift search, no flip) and the reference classifier's features as the embedding."""
+    import torch.nn.functional as F
+
+    from models.privacy.embedding import load_embedder
+    from models.privacy.index import image_digests, pair_exclusion_keys
+    from models.privacy.scoring import EmbeddingSpace
+
+    keys = pair_exclusion_keys(image_digests(train), patients)
+
+    def plain_ncc(images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).unsqueeze(1)
+        v = F.adaptive_avg_pool2d(x, 32).flatten(1)
+        return F.normalize(v - v.mean(1, keepdim=True), dim=1)
+
+    reference = load_embedder("reference-classifier-64", device=device)
+    space = EmbeddingSpace.fit(reference(train))
+
+    def reference_features(images: np.ndarray) -> torch.Tensor:
+        return space(reference(np.ascontiguousarray(images)))
+
+    rows = []
+    for name, featurize, flip in (("plain NCC 32x32, no shift search, no flip", plain_ncc, False),
+                                  ("reference-classifier embedding (as the gate: centred, PCA 128, flip)",
+                                   reference_features, True)):
+        index = featurize(train)
+
+        def nn(images: np.ndarray, groups: np.ndarray | None = None,
+               featurize: Any = featurize, flip: bool = flip, index: torch.Tensor = index) -> np.ndarray:
+            views = [images, images[:, :, ::-1]] if flip else [images]
+            return np.max([nearest_neighbours(featurize(v), index, query_groups=groups,
+                                              index_groups=None if groups is None else keys).similarity
+                           for v in views], axis=0)
+
+        threshold = float(np.quantile(nn(train, keys), quantile))
+        sims = nn(planted)
+        k = np.array(kinds)
+        rows.append({"detector": name, "threshold": threshold,
+                     "catch_rate": {kind: float((sims[k == kind] > threshold).mean()) for kind in PERTURBATIONS},
+                     "false_rejection_rate": float((nn(genuine) > threshold).mean())})
+        print(f"baseline {name}: {rows[-1]}", flush=True)
+    return rows
+
+
 def search_scaling(sizes: list[int], queries: int, dim: int = 196, variants: int = 162) -> list[dict[str, Any]]:
     """Seconds per query image of the pixel search alone (``variants`` shifted views) vs training-set size."""
     rows = []
@@ -80,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compare-threads", default="2", help="also time the check with these thread counts")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the plain-NCC / reference-classifier rows")
     ap.add_argument("--quick", action="store_true", help="20 per kind, 32 genuine, 64 throughput images")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -91,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     gate = MemorisationGate.from_generator_dir(args.generator, device=args.device)
     res = gate.index.resolution
-    train = load_training_folder(args.train_data, res)[0]
+    train, _, patients, _ = load_training_folder(args.train_data, res)
     print(f"gate over {len(gate.index)} training images, thresholds {gate.thresholds}; "
           f"{len(train)} images loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     if len(train) != len(gate.index):
@@ -114,7 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     pixel_s = time.perf_counter() - t
     throughput = {"images": len(probe), "training_images": len(gate.index), "seconds": round(total_s, 2),
                   "images_per_s": round(len(probe) / total_s, 2),
-                  "embedding_network_s": round(embed_s, 2), "pixel_search_s": round(pixel_s, 2)}
+                  "embedding_network_s": round(embed_s, 2), "pixel_search_s": round(pixel_s, 2),
+                  "load_average_1min": round(os.getloadavg()[0], 2)}
+    other_threads = {}
+    for n in (int(x) for x in args.compare_threads.split(",") if x):
+        torch.set_num_threads(n)
+        t = time.perf_counter()
+        gate.check(probe)
+        other_threads[str(n)] = round(len(probe) / (time.perf_counter() - t), 2)
+    torch.set_num_threads(args.threads)
+    throughput["images_per_s_with_threads"] = other_threads
     print(f"throughput: {throughput['images_per_s']} img/s ({throughput})", flush=True)
 
     # --- planted copies and near-copies
@@ -164,11 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     png = (args.out.parent if args.out else RESULTS_DIR) / "privacy_gate_genuine.png"
     write_privacy_png(png, report, gate.index, verdicts, lambda p: genuine[p], lambda row: train[row])
 
+    base = []
+    if not args.no_baselines:
+        base = baselines(train, patients, planted, kinds, genuine, gate.calibration.quantile, args.device)
     scaling = search_scaling([int(s) for s in args.scaling.split(",") if s], queries=16) if args.scaling else []
     payload = {
         "generator": str(args.generator.relative_to(REPO_ROOT) if args.generator.is_relative_to(REPO_ROOT)
                          else args.generator),
-        "threads": args.threads, "device": args.device,
+        "threads": args.threads, "device": args.device, "cpu_count": os.cpu_count(),
         "thresholds": gate.thresholds, "quantile": gate.calibration.quantile,
         "calibration": gate.calibration.reference, "features": gate.calibration.features,
         "throughput": throughput,
@@ -176,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                     "listed_kinds_catch_rate": float(np.mean([r["catch_rate"] for r in listed])),
                     "n": len(planted), "seed": args.seed},
         "genuine": genuine_row,
+        "baselines": base,
         "search_scaling": scaling,
         "report_png": png.name,
     }
@@ -201,6 +263,18 @@ class _NoEmbed:
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         return torch.zeros(len(images), self.dims)
+
+
+def _baseline_lines(rows: list[dict[str, Any]]) -> list[str]:
+    kinds = list(rows[0]["catch_rate"])
+    out = ["## Baselines: simpler detectors, same calibration (quantile of leave-one-out over the training set)",
+           "", "| detector | threshold | " + " | ".join(kinds) + " | genuine rejected |",
+           "|---|---|" + "---|" * len(kinds) + "---|"]
+    for r in rows:
+        out.append(f"| {r['detector']} | {r['threshold']:.4f} | "
+                   + " | ".join(f"{r['catch_rate'][k]:.1%}" for k in kinds) + f" | {r['false_rejection_rate']:.1%} |")
+    return [*out, "", "Why the gate aligns the pixel comparison (shift search, flip, centre crop) and uses a "
+            "copy-detection encoder rather than the reference classifier.", ""]
 
 
 def _write_markdown(path: Path, p: dict[str, Any], command: str) -> None:
@@ -242,11 +316,16 @@ def _write_markdown(path: Path, p: dict[str, Any], command: str) -> None:
         f"{g['embedding_similarity']['median']:.4f}, max {g['embedding_similarity']['max']:.4f}.",
         f"Report of these samples: `{p['report_png']}`.",
         "",
+        *(_baseline_lines(p["baselines"]) if p["baselines"] else []),
         "## Throughput (CPU)",
         "",
         f"{t['images_per_s']:.1f} images/s for the whole check against {t['training_images']:,} training images "
         f"({t['images']} images in {t['seconds']} s; of which embedding network {t['embedding_network_s']} s, "
-        f"pixel search {t['pixel_search_s']} s).",
+        f"pixel search {t['pixel_search_s']} s), {p['threads']} torch thread(s), 1-minute load average "
+        f"{t['load_average_1min']} on {p.get('cpu_count', '?')} cores."
+        + "".join(f" With {n} threads: {v:.1f} images/s." for n, v in t["images_per_s_with_threads"].items())
+        + (" On a busy CPU torch's OpenMP threads mostly wait on each other: give each worker process one thread."
+           if any(v < t["images_per_s"] for v in t["images_per_s_with_threads"].values()) else ""),
     ]
     if p["search_scaling"]:
         lines += ["", "Exact pixel search alone (162 shifted/flipped views x 196 dims per image) vs training-set size, "

@@ -4,7 +4,7 @@ A generator directory gains two files:
 
 ``privacy_index.safetensors``
     Per training image: SHA-256 of its pixels, label, 14x14 pixel vector and embedding (both fp16,
-    ~0.7 KB per image: 3.4 MB for Kermany's 5,016), plus the embedding space (training mean and PCA
+    ~0.7 KB per image: 3.6 MB for Kermany's 5,016), plus the embedding space (training mean and PCA
     axes) and the real-vs-real similarity distribution of the calibration (for the report's
     histograms). Features, never images.
 ``privacy_calibration.json``
@@ -129,8 +129,9 @@ def image_digests(images: np.ndarray) -> np.ndarray:
                      for im in images])
 
 
-def _group_keys(sha: np.ndarray, groups: Sequence[str] | None) -> np.ndarray:
-    """(N, 3) int keys: the image itself, its patient (or itself when unknown), its exact-duplicate class."""
+def pair_exclusion_keys(sha: np.ndarray, groups: Sequence[str] | None) -> np.ndarray:
+    """(N, 3) int keys of pairs to skip in leave-one-out: the image itself, its patient (itself when
+    unknown), its exact-duplicate class (see :func:`models.privacy.search.nearest_neighbours`)."""
     n = len(sha)
     own = np.arange(n, dtype=np.int64)
     _, dup = np.unique(sha, axis=0, return_inverse=True)
@@ -190,7 +191,7 @@ def build_privacy_index(
     train_emb = space(raw).half().numpy()
     train_pix = pixel_vectors(images).half().numpy()
     sha = image_digests(images)
-    keys = _group_keys(sha, patient_ids)
+    keys = pair_exclusion_keys(sha, patient_ids)
     if holdout is None:
         exclusions = ("the image itself, exact duplicates" + (", the same patient" if patient_ids is not None else
                       " (patient ids unknown: other images of the same patient count as real pairs, which can "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,15 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models" / "weights" / "generato
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: on a busy 2-core machine OpenMP threads mostly wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def kermany(shared_data: Path) -> dict[str, Any]:
     """The Kermany training folder at 64 px (the shipped generator's resolution), with patient ids."""
@@ -49,7 +59,6 @@ def kermany(shared_data: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def small_gate(kermany: dict[str, Any]) -> MemorisationGate:
     """A gate over 160 Kermany images (leave-one-out calibration with patient ids)."""
-    torch.set_num_threads(1)
     sel = np.arange(0, len(kermany["images"]), len(kermany["images"]) // 160)[:160]
     embedder = load_embedder(device="cpu")
     index, cal = build_privacy_index(kermany["images"][sel], patient_ids=[kermany["patients"][i] for i in sel],
@@ -127,7 +136,6 @@ def test_planted_copies_caught_genuine_samples_pass(kermany: dict[str, Any]) -> 
     """The shipped generator's gate against copies / near-copies of its real training images."""
     from models.diffusion.pipeline import CXRDiffusionPipeline, plan_generation
 
-    torch.set_num_threads(1)
     gate = MemorisationGate.from_generator_dir(SHIPPED, device="cpu")
     assert len(gate.index) == len(kermany["images"]) == 5016
     planted, kinds, sources = plant_copies(kermany["images"], per_kind=12, seed=7)
@@ -235,7 +243,6 @@ def _folder(root: Path, images: np.ndarray, names: list[str]) -> Path:
 
 
 def test_privacy_check_cli(kermany: dict[str, Any], tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     recs = kermany["records"]
     train_idx = list(range(0, 2400, 40))  # 60 images of different patients and both labels
     train_idx += list(range(2400, len(recs), 60))
