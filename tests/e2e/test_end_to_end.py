@@ -116,10 +116,11 @@ def test_embedded_generate_writes_pngs_and_manifest(settings_factory: Any, servi
     res = svc.cli("generate", "--n", "6", "--out", str(out), "--generator", str(tiny_generator),
                   "--sampler", "ddim", "--steps", "4", "--seed", "1")
     assert res.returncode == 0, res.stderr
-    pngs = sorted(out.rglob("*.png"))
+    pngs = sorted(p for p in out.rglob("*.png") if p.parent != out)  # label folders; the top holds the report
     assert len(pngs) == 6
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert len(rows) == 6 and all((out / r["file"]).is_file() for r in rows)
+    assert (out / "privacy_report.json").is_file() and (out / "privacy_report.png").is_file()
     # bad input: a clear message and a non-zero exit, nothing written
     bad = svc.cli("generate", "--n", "0", "--out", str(tmp_path / "bad"), "--generator", str(tiny_generator))
     assert bad.returncode != 0 and "n" in bad.stderr
