@@ -120,12 +120,20 @@ def png(value: int) -> bytes:
 
 def click_and_load(driver: Any, element: Any) -> None:
     """Click something that navigates (a link, a submit button) and wait until the new page has loaded."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
-    element.click()
+    try:
+        element.click()
+    except StaleElementReferenceException:
+        pass  # the click navigated before chromedriver finished with the node; the wait below checks
+    except WebDriverException as exc:
+        # Same race, reported by Chromium's inspector as "Node with given id does not belong to the document".
+        if "does not belong to the document" not in str(exc):
+            raise
     WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
     WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
