@@ -8,8 +8,9 @@ redelivered task (worker killed, broker redelivery) converges to the same state.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -134,3 +135,32 @@ def job_payload(job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "compute_seconds": job.compute_seconds,
     }
+
+
+#: Content types of the files of an exported model folder (generators, encoders).
+MODEL_FILE_TYPES = {".json": "application/json", ".md": "text/markdown", ".png": "image/png",
+                    ".safetensors": "application/octet-stream"}
+
+
+def download_prefix(store: ObjectStore, prefix: str, dest: Path, skip: Iterable[str] = ()) -> int:
+    """Copy every object under ``prefix/`` to ``dest`` (same relative paths), one file at a time, except
+    those whose relative path starts with one of ``skip``. Returns the number of files."""
+    n = 0
+    skips = tuple(skip)
+    for obj in store.list(prefix + "/"):
+        rel = obj.key[len(prefix) + 1:]
+        if not rel or (skips and rel.startswith(skips)):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.download_file(obj.key, target)
+        n += 1
+    return n
+
+
+def upload_folder(store: ObjectStore, folder: Path, prefix: str) -> None:
+    """Put every file under ``folder`` at ``prefix/<relative path>`` (an exported model folder)."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            store.put_file(f"{prefix}/{f.relative_to(folder).as_posix()}", f,
+                           MODEL_FILE_TYPES.get(f.suffix, "application/octet-stream"))

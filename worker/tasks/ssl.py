@@ -16,7 +16,6 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +28,18 @@ from models.callbacks import Canceled
 from models.data.folders import IMAGE_SUFFIXES
 from worker.runtime import (
     WorkerContext,
+    download_prefix,
     load_job,
     make_progress_callback,
     mark_canceled,
     mark_failed,
     mark_running,
     record_event,
+    upload_folder,
 )
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown",
-                 ".safetensors": "application/octet-stream"}
 SCRATCH_PREFIX = "scratch:"
 
 
@@ -63,22 +62,6 @@ def _begin(s: Any, ctx: WorkerContext, job_id: str) -> Job | None:
 def _own_dataset(s: Any, job: Job, dataset_id: str) -> Dataset | None:
     ds = s.get(Dataset, dataset_id)
     return ds if ds is not None and ds.tenant_id == job.tenant_id and ds.status == "ready" else None
-
-
-def _download_prefix(ctx: WorkerContext, prefix: str, dest: Path, skip: Iterable[str] = ()) -> int:
-    """Copy every object under ``prefix/`` to ``dest`` (same relative paths), except those whose
-    relative path starts with one of ``skip``."""
-    n = 0
-    skips = tuple(skip)
-    for obj in ctx.store.list(prefix + "/"):
-        rel = obj.key[len(prefix) + 1:]
-        if not rel or (skips and rel.startswith(skips)):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ctx.store.download_file(obj.key, target)
-        n += 1
-    return n
 
 
 def download_pretraining_images(ctx: WorkerContext, datasets: list[PretrainingDataset], dest: Path) -> int:
@@ -157,10 +140,7 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
                        notes=f"Pretrained by job {job_id} on datasets {names}.")
         out = work / "out"
         prefix = tenant_key(tenant_id, "encoders", enc_id)
-        for f in sorted(out.rglob("*")):
-            if f.is_file():
-                ctx.store.put_file(f"{prefix}/{f.relative_to(out).as_posix()}", f,
-                                   CONTENT_TYPES.get(f.suffix, "application/octet-stream"))
+        upload_folder(ctx.store, out, prefix)
         meta = json.loads((out / "config.json").read_text())
         card = (out / "README.md").read_text()
     except Canceled:
@@ -244,7 +224,7 @@ def evaluate_job(ctx: WorkerContext, job_id: str) -> None:
     try:
         train_dir, test_dir = work / "train", work / "test"
         for role, d, folder in (("train", params.train_dataset, train_dir), ("test", params.test_dataset, test_dir)):
-            if _download_prefix(ctx, d.prefix, folder) == 0:
+            if download_prefix(ctx.store, d.prefix, folder) == 0:
                 raise ValueError(f"the {role} dataset {d.id} has no images in the store")
         encoder: str | Path = params.encoder
         if params.encoder_id is not None:
@@ -255,7 +235,7 @@ def evaluate_job(ctx: WorkerContext, job_id: str) -> None:
                 if not prefix:
                     raise ValueError(f"encoder {params.encoder_id} has no files")
                 encoder = work / "encoder"
-                _download_prefix(ctx, prefix, encoder, skip=("exports/",))
+                download_prefix(ctx.store, prefix, encoder, skip=("exports/",))
         on_step = make_progress_callback(ctx, job_id)
         kwargs: dict[str, Any] = {"seed": params.seed, "resolution": params.resolution}
         if params.epochs is not None:

@@ -17,29 +17,17 @@ from app.storage.base import tenant_key
 from models.callbacks import Canceled
 from worker.runtime import (
     WorkerContext,
+    download_prefix,
     load_job,
     make_progress_callback,
     mark_canceled,
     mark_failed,
     mark_running,
+    upload_folder,
 )
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown", ".png": "image/png",
-                 ".safetensors": "application/octet-stream"}
-
-
-def _download_dataset(ctx: WorkerContext, dataset: Dataset, dest: Path) -> int:
-    """Copy a dataset's images (``prefix/<label>/<file>``) into an ImageFolder at ``dest``."""
-    n = 0
-    for obj in ctx.store.list(dataset.prefix + "/"):
-        rel = obj.key[len(dataset.prefix) + 1:]
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ctx.store.download_file(obj.key, target)
-        n += 1
-    return n
 
 
 def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
@@ -84,7 +72,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"cxrsynth-train-{job_id[:8]}-"))
     try:
         config = base.replace(**overrides)
-        n = _download_dataset(ctx, dataset, work / "data")
+        n = download_prefix(ctx.store, dataset.prefix, work / "data")
         if n == 0:
             raise ValueError(f"dataset {dataset.id} has no images")
         on_step = make_progress_callback(ctx, job_id)
@@ -93,10 +81,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
                                      on_step=on_step, device=ctx.settings.device)
         out = work / "out"
         prefix = tenant_key(tenant_id, "generators", gen_id)
-        for f in sorted(out.rglob("*")):
-            if f.is_file():
-                ctx.store.put_file(f"{prefix}/{f.relative_to(out).as_posix()}", f,
-                                   CONTENT_TYPES.get(f.suffix, "application/octet-stream"))
+        upload_folder(ctx.store, out, prefix)
         meta = json.loads((out / "cxrsynth.json").read_text())
         card = (out / "README.md").read_text() if (out / "README.md").exists() else ""
     except Canceled:
