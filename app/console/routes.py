@@ -380,7 +380,20 @@ def job_page(request: Request, job_id: str, viewer: ViewerDep, session: SessionD
     job = jobs_svc.get_job(session, viewer.tenant.id, job_id)
     events = jobs_svc.list_job_events(session, viewer.tenant.id, job_id)
     return page(request, "job.html", row=_job_row(job), events=[jobs_svc.event_out(e) for e in events][-EVENTS_SHOWN:],
-                created=created)
+                events_shown=EVENTS_SHOWN, created=created)
+
+
+@router.get("/jobs/{job_id}/events")
+def job_events(job_id: str, viewer: ViewerDep, session: SessionDep,
+               after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0) -> JSONResponse:
+    """The job's events with ``id > after`` (oldest first, at most ``EVENTS_SHOWN``), for the job page's
+    poller, and whether the job is still active. The status is read before the events, so an inactive
+    answer with fewer than ``EVENTS_SHOWN`` events ends the log: the poller can stop."""
+    job = jobs_svc.get_job(session, viewer.tenant.id, job_id)  # 404 page for another tenant's job
+    active = job.status in ACTIVE_STATUSES
+    events = jobs_svc.list_job_events(session, viewer.tenant.id, job_id, after, EVENTS_SHOWN)
+    return JSONResponse({"events": [jobs_svc.event_out(e).model_dump(mode="json") for e in events],
+                         "active": active}, headers={"Cache-Control": "no-store"})
 
 
 @router.post("/jobs/{job_id}/cancel")

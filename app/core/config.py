@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     privacy_max_attempts: int = Field(default=4, ge=1, description="Samples (seeds) tried per image before "
                                       "the memorisation gate fails it.")
     device: str = Field(default="auto", description="Worker device: auto (CUDA if present), cpu, cuda.")
+    compile_unet: bool = Field(default=False, description="torch.compile the generator UNet in workers: "
+                               "1.15-1.4x faster sampling after a one-off compile per process (~90 s on a "
+                               "2-core CPU); rare pixels may differ by one grey level from eager sampling.")
     default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-64",
                                         description="Built-in generator used when a request names none.")
     webhook_max_attempts: int = Field(default=6, ge=1, description="Deliveries tried per webhook.")

@@ -215,6 +215,22 @@ def test_console_in_headless_chromium(settings_factory: Any, services_factory: A
                180, "the job page to show the job finished", svc.logs_tail)
     assert d.find_element(By.CSS_SELECTOR, "[data-status]").text == "succeeded", svc.logs_tail()
     assert d.find_element(By.CSS_SELECTOR, "[data-progress]").get_attribute("value") == "100"
+    # The event log followed the job without a reload: it ends with the API's last line for the job
+    # (fetched afresh each try: a line may still be added after the job finished).
+    def api_messages() -> list[str]:
+        got = httpx.get(f"{base}/v1/jobs/{job_id}/events", params={"format": "json"},
+                        headers={"Authorization": f"Bearer {key_a}"})
+        return [e["message"] for e in got.json()][-200:]
+
+    def log_rows() -> list[str]:
+        rows = d.find_elements(By.CSS_SELECTOR, "tbody[data-events] tr")
+        return [r.text for r in rows if not r.find_elements(By.CSS_SELECTOR, "td.empty")]
+
+    def log_matches_api() -> bool:
+        api, page_rows = api_messages(), log_rows()
+        return bool(api) and len(page_rows) == len(api) and all(m in r for m, r in zip(api, page_rows, strict=True))
+
+    wait_until(log_matches_api, 30, "the event log to show every event of the job without a reload", svc.logs_tail)
     screenshot(d, "03-job-succeeded")
 
     # The jobs list shows it too, with a link to its dataset.

@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
+from app.console import routes as console_routes
 from app.console.session import COOKIE_NAME
 from app.core.config import Settings
-from app.db.orm import Dataset, Job
+from app.db.orm import Dataset, Job, JobEvent
 from app.db.session import get_sessionmaker
 from app.main import create_app
 from app.services.tenants import create_tenant, revoke_api_key
@@ -330,6 +331,60 @@ def test_other_tenants_ids_answer_the_not_found_page(env: Env) -> None:
     assert env.client.get("/console/jobs/status", params={"id": job_id}).json() == {"jobs": []}
     listing = env.client.get("/console/datasets").text
     assert ds_id not in listing and "No datasets yet" in listing
+
+
+def add_running_job(env: Env, tenant: Tenant, messages: list[str]) -> tuple[str, list[int]]:
+    """A running generation job with one event per message; returns its id and the events' ids."""
+    with env.session() as s:
+        job = Job(tenant_id=tenant.id, kind="generation", status="running", params={"n": 2})
+        s.add(job)
+        s.flush()
+        events = [JobEvent(job_id=job.id, message=m, step=i + 1, total=len(messages)) for i, m in enumerate(messages)]
+        s.add_all(events)
+        s.commit()
+        return job.id, [e.id for e in events]
+
+
+def test_job_events_endpoint_follows_the_log(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    owner, other = new_tenant(env), new_tenant(env)
+    login(env, owner)
+    job_id, ids = add_running_job(env, owner, ["loading the generator", "sampling <b>1</b>", "sampling 2"])
+    html = assert_html(env.client.get(f"/console/jobs/{job_id}"))
+    assert (f'data-events="/console/jobs/{job_id}/events" data-last-event-id="{ids[-1]}" '
+            f'data-events-max="{console_routes.EVENTS_SHOWN}"') in html
+    assert "Updates while the job runs." in html and "reload for newer lines" not in html.split("<noscript>")[0]
+
+    r = env.client.get(f"/console/jobs/{job_id}/events", params={"after": ids[0]})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.headers["cache-control"] == "no-store"
+    body = r.json()
+    assert body["active"] is True
+    assert [(e["id"], e["message"], e["step"], e["total"]) for e in body["events"]] == [
+        (ids[1], "sampling <b>1</b>", 2, 3), (ids[2], "sampling 2", 3, 3)]
+    assert {"created_at", "level"} <= set(body["events"][0])
+    all_events = env.client.get(f"/console/jobs/{job_id}/events").json()["events"]
+    assert [e["id"] for e in all_events] == ids
+    monkeypatch.setattr(console_routes, "EVENTS_SHOWN", 2)  # capped, oldest first: the rest on the next poll
+    assert [e["id"] for e in env.client.get(f"/console/jobs/{job_id}/events").json()["events"]] == ids[:2]
+    monkeypatch.undo()
+    with env.session() as s:
+        s.get(Job, job_id).status = "succeeded"  # type: ignore[union-attr]
+        s.commit()
+    assert env.client.get(f"/console/jobs/{job_id}/events", params={"after": ids[-1]}).json() == {
+        "events": [], "active": False}
+    assert_html(env.client.get(f"/console/jobs/{job_id}/events", params={"after": -1}), 422)
+
+    empty_id, _ = add_running_job(env, owner, [])
+    html = assert_html(env.client.get(f"/console/jobs/{empty_id}"))
+    assert 'data-last-event-id="0"' in html and "No events yet." in html
+
+    env.client.cookies.clear()  # no session: the login page, as for /console/jobs/status
+    for path in (f"/console/jobs/{job_id}/events", f"/console/jobs/status?id={job_id}"):
+        r = env.client.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/console/login?next="), path
+    login(env, other)
+    html = assert_html(env.client.get(f"/console/jobs/{job_id}/events", params={"after": 0}), 404)
+    assert "<h1>Not found</h1>" in html and "sampling" not in html
 
 
 def test_model_pages_cards_and_downloads(env: Env) -> None:

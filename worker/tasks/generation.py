@@ -107,7 +107,8 @@ def load_pipeline(ctx: WorkerContext, generator: Generator) -> Any:
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
-        _PIPELINES[key] = CXRDiffusionPipeline.from_pretrained(path, device=ctx.settings.device)
+        _PIPELINES[key] = CXRDiffusionPipeline.from_pretrained(path, device=ctx.settings.device,
+                                                               compile=ctx.settings.compile_unet)
     pipe = _PIPELINES[key]
     pipe.generator_id = generator.id
     return pipe
@@ -336,7 +337,8 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
         "kind": "synthetic chest X-ray dataset",
         "generator": {"id": generator.id, "name": generator.name, "config": generator.config},
         "generation": {k: params.get(k) for k in ("n", "counts", "label", "sampler", "num_inference_steps",
-                                                  "guidance_scale", "seed")},
+                                                  "guidance_scale", "seed")}
+        | {"unet_compiled": ctx.settings.compile_unet},
         "num_images": len(rows),
         "label_counts": counts,
         "privacy_gate": gate.summary,

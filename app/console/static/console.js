@@ -1,12 +1,16 @@
 // cxrsynth console: live job progress by polling /console/jobs/status (plain JavaScript, no library).
 // Rows and panels marked data-job-id + data-active="true" are updated in place; nothing else changes,
 // so keyboard focus stays where it is. A finished job is announced in the page's live region.
+// On a job page the events table (tbody[data-events]) follows the job too: each tick also asks its
+// data-events URL for the lines after data-last-event-id, until the endpoint says the job is done.
 (function () {
   "use strict";
   var POLL_MS = 1500;
   var RETRIES = 5;
   var base = "/console/jobs/status";
   var failures = 0;
+  var events = null;  // the followed events tbody; null when there is none or its job has finished
+  var eventsMax = 200;
 
   function activeIds() {
     var ids = [];
@@ -63,11 +67,8 @@
     });
   }
 
-  function poll() {
-    var ids = activeIds();
-    if (!ids.length) return;
-    var query = ids.map(function (id) { return "id=" + encodeURIComponent(id); }).join("&");
-    fetch(base + "?" + query, { credentials: "same-origin", headers: { Accept: "application/json" } })
+  function getJson(url) {
+    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (res) {
         var type = res.headers.get("content-type") || "";
         if (res.redirected || type.indexOf("text/html") >= 0) {
@@ -75,10 +76,58 @@
         }
         if (!res.ok || type.indexOf("application/json") < 0) throw new Error("status " + res.status);
         return res.json();
-      })
+      });
+  }
+
+  // "2025-01-31 14:05:09 UTC", as the server's `when` filter prints the rows it renders.
+  function formatTime(iso) {
+    var d = new Date(iso);
+    return isNaN(d.getTime()) ? String(iso) : d.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  }
+
+  function addEvent(e) {
+    if (e.id <= (Number(events.getAttribute("data-last-event-id")) || 0)) return;  // already shown
+    var empty = events.querySelector("td.empty");
+    if (empty) empty.parentNode.remove();
+    var tr = document.createElement("tr");
+    var step = e.total ? (e.step === null ? "" : e.step) + "/" + e.total : "";
+    [[formatTime(e.created_at), "small"], [e.level, ""], [e.message, ""], [step, "num"]].forEach(function (cell) {
+      var td = document.createElement("td");
+      if (cell[1]) td.className = cell[1];
+      td.textContent = cell[0];  // text, never markup: messages come from the server
+      tr.appendChild(td);
+    });
+    events.appendChild(tr);
+    events.setAttribute("data-last-event-id", String(e.id));
+    while (events.rows.length > eventsMax) events.deleteRow(0);
+  }
+
+  function pollEvents() {
+    var after = events.getAttribute("data-last-event-id") || "0";
+    return getJson(events.getAttribute("data-events") + "?after=" + encodeURIComponent(after))
       .then(function (body) {
-        failures = 0;
+        body.events.forEach(addEvent);
+        // Inactive (status read before the events) and not cut at the cap: every line is shown.
+        if (!body.active && body.events.length < eventsMax) {
+          events = null;
+          setText(document, "[data-events-note]", "The job has finished.");
+        }
+      });
+  }
+
+  function poll() {
+    var ids = activeIds();
+    if (!ids.length && !events) return;
+    var query = ids.map(function (id) { return "id=" + encodeURIComponent(id); }).join("&");
+    var status = ids.length ? getJson(base + "?" + query) : Promise.resolve({ jobs: [] });
+    status
+      .then(function (body) {
         body.jobs.forEach(update);
+        // After the status: the tick that sees the job finish still fetches its last lines.
+        return events ? pollEvents() : null;
+      })
+      .then(function () {
+        failures = 0;
         window.setTimeout(poll, POLL_MS);
       })
       .catch(function () {
@@ -92,6 +141,12 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    var table = document.querySelector("tbody[data-events]");
+    var panel = table && document.querySelector('[data-job-id][data-active="true"]');
+    if (panel) {
+      events = table;
+      eventsMax = Number(table.getAttribute("data-events-max")) || eventsMax;
+    }
     if (activeIds().length) window.setTimeout(poll, POLL_MS);
     var firstError = document.querySelector('[aria-invalid="true"]');
     if (firstError) firstError.focus();
