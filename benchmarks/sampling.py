@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fid-guidance", type=float, default=2.0, help="guidance scale of the FID samples")
     ap.add_argument("--fid-labels", choices=("real", "balanced"), default="real",
                     help="synthetic label counts: as in the real reference set (default) or balanced")
+    ap.add_argument("--fid-seed", type=int, default=1,
+                    help="request seed of the FID samples; another seed gives a second set (FID noise)")
     ap.add_argument("--compile", action="store_true", help="FID samples from the torch.compile'd UNet")
     ap.add_argument("--cache-dir", default="~/.cache/cxrsynth/sampling_fid",
                     help="per-chunk sample cache, so a killed FID run resumes")
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                  "pipelines run the null class (unconditional) on a plain NCHW eager UNet and are compared with "
                  "our guidance=1 rows at the same batch and steps.",
     }, out_path)
-    print(f"wrote {path}")
+    md = write_markdown(json.loads(path.read_text()), path.with_suffix(".md"))
+    print(f"wrote {path} and {md}")
 
 
 def real_sets(n: int, real_dir: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
@@ -351,12 +354,14 @@ def measure_fid(pipe: CXRDiffusionPipeline, args: argparse.Namespace, batch: int
     digest = weights_digest(Path(args.generator))
     cache_root = Path(args.cache_dir).expanduser()
     for sampler, steps in parse_sampler_specs(args.fid_samplers):
-        key = f"{sampler}-{steps}"
+        seed = int(args.fid_seed)
+        key = f"{sampler}-{steps}" + (f"-seed{seed}" if seed != 1 else "")
         mode = "compiled" if pipe.compiled else "eager"
-        cache = cache_root / f"{digest}-{key}-g{guidance:g}-seed1-n{n}-{args.fid_labels}-{mode}"
-        imgs, timing = cached_samples(pipe, labels, 1, sampler, steps, guidance, cache, batch)
+        cache = cache_root / f"{digest}-{sampler}-{steps}-g{guidance:g}-seed{seed}-n{n}-{args.fid_labels}-{mode}"
+        imgs, timing = cached_samples(pipe, labels, seed, sampler, steps, guidance, cache, batch)
         out["per_sampler"][key] = fid_for(imgs, real)
         out["timing"][key] = timing
+        out.setdefault("sample_caches", {})[key] = cache.name
         print(f"FID {key} g={guidance:g}: {out['per_sampler'][key]:.3f}", flush=True)
     return out
 
@@ -380,14 +385,94 @@ def _fid_only(args: argparse.Namespace) -> None:
     if run_key in runs and runs[run_key].get("real_vs_real") == fid["real_vs_real"]:
         runs[run_key]["per_sampler"].update(fid["per_sampler"])
         runs[run_key]["timing"].update(fid["timing"])
+        runs[run_key].setdefault("sample_caches", {}).update(fid.get("sample_caches", {}))
         runs[run_key].setdefault("commands", []).append(fid["command"])
         fid = runs[run_key]
     else:
         fid["commands"] = [fid["command"]]
         runs[run_key] = fid
+    grid = path.with_name(f"{path.stem}_fid-{run_key}.png")
+    fid["grid"] = grid.name
+    sample_grid(fid, Path(args.cache_dir).expanduser(), grid)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    write_markdown(doc, path.with_suffix(".md"))
     _print_table(doc["rows"], fid)
-    print(f"updated {path}")
+    print(f"updated {path} and its .md; samples side by side in {grid}")
+
+
+def sample_grid(fid: dict[str, Any], cache_root: Path, out: Path, per_row: int = 10) -> None:
+    """One row per sampler of the run: its first ``per_row`` images. Same request seed, so column j
+    starts from the same noise in every row (differences are the sampler's)."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for key, name in fid.get("sample_caches", {}).items():
+        chunks = sorted((cache_root / name).glob("chunk_*.npy"))
+        if chunks:
+            rows.append((key, np.concatenate([np.load(c) for c in chunks[:2]])[:per_row]))
+    if not rows:
+        return
+    size = rows[0][1].shape[-1]
+    label_w, scale = 150, 2
+    canvas = Image.new("L", (label_w + per_row * size * scale, len(rows) * size * scale), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (key, imgs) in enumerate(rows):
+        draw.text((6, r * size * scale + size * scale // 2 - 12), f"{key}\nFID {fid['per_sampler'][key]:.1f}", fill=0)
+        for j, im in enumerate(imgs):
+            tile = Image.fromarray(im).resize((size * scale, size * scale), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_w + j * size * scale, r * size * scale))
+    canvas.save(out)
+
+
+def write_markdown(doc: dict[str, Any], out: Path) -> Path:
+    """``docs/results/sampling.md`` rendered from the JSON alone, so the page never disagrees with it."""
+    m = doc.get("machine", {})
+    hw = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, {m.get('mem_gib', '?')} GiB, no GPU"
+    lines = [
+        "# Sampling throughput and domain FID of the shipped generator", "",
+        f"Generator `{doc.get('generator')}`; device `{doc.get('device')}` ({hw}); torch {m.get('torch')}, "
+        f"{doc.get('torch_threads')} torch thread(s). Timings: `python benchmarks/{doc.get('command')}` on "
+        f"{doc.get('date')} (commit {doc.get('commit')}). Generated from `{out.with_suffix('.json').name}` by "
+        "`benchmarks/sampling.py`; do not edit by hand.", "",
+    ]
+    if doc.get("unet_calls"):
+        lines += ["## One UNet call (one micro-batch; variants interleaved, median of the repeats)", "",
+                  "| UNet | batch | ms / call | speed-up vs NCHW eager |", "|---|---|---|---|"]
+        lines += [f"| {u['unet']} | {u['micro_batch']} | {u['ms_per_call']:.1f} | {u['speedup_vs_nchw']:.2f}x |"
+                  for u in doc["unet_calls"]]
+        lines += ["", f"First `torch.compile` (both graphs) plus first calls: {doc.get('compile_seconds')} s.", ""]
+    rows = doc.get("rows", [])
+    paper = next((r for r in rows if r["pipeline"] == "cxrsynth" and r["sampler"] == "ddpm"
+                  and r["guidance"] == 1.0), None)
+    lines += ["## Pipelines", "",
+              "| pipeline | sampler | steps | guidance | batch | images/s | s / image | vs stock, equal steps | "
+              f"vs DDPM-{paper['steps'] if paper else 1000} (the paper's sampler) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs_stock = f"{r['ratio_vs_stock']:.2f}x" if "ratio_vs_stock" in r else ""
+        vs_paper = (f"{r['images_per_s'] / paper['images_per_s']:.0f}x"
+                    if paper and r["pipeline"].startswith("cxrsynth") and r["sampler"] != "ddpm" else "")
+        lines.append(f"| {r['pipeline']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['batch']} | "
+                     f"{r['images_per_s']:.3f} | {r['s_per_image']:.2f} | {vs_stock} | {vs_paper} |")
+    lines += ["", f"Notes: {doc.get('notes', '')}", ""]
+    for key, run in doc.get("fid_runs", {}).items():
+        counts = ", ".join(f"{k} {v}" for k, v in run.get("label_counts", {}).items())
+        lines += [f"## Domain FID, run `{key}`", "",
+                  f"{run['images_per_sampler']} synthetic images per sampler (guidance {run['guidance']:g}; labels "
+                  f"{counts}, as in the real set) against {run['real_images']} real `{run['real_source']}` training "
+                  f"images (seeded random set); UNet {'compiled' if run.get('unet_compiled') else 'eager'}, "
+                  f"{run.get('torch_threads')} torch thread(s).", "",
+                  "| sampler | FID | s / image while sampling (this CPU, shared) |", "|---|---|---|"]
+        for s_key, value in run["per_sampler"].items():
+            t = run.get("timing", {}).get(s_key, {}).get("s_per_image_now")
+            lines.append(f"| {s_key} | {value:.2f} | {'' if t is None else f'{t:.2f}'} |")
+        lines += [f"| real vs real ({run['real_images']} vs a disjoint {run['real_images']}) | "
+                  f"{run['real_vs_real']:.2f} | |", ""]
+        lines += ["Commands:", ""] + [f"    python benchmarks/{c}" for c in run.get("commands", [])] + [""]
+        if run.get("grid"):
+            lines += [f"![first images per sampler, same seeds]({run['grid']})", ""]
+    out.write_text("\n".join(lines))
+    return out
 
 
 def _print_table(rows: list[dict[str, Any]], fid: dict[str, Any], unet_calls: list[dict[str, Any]] | None = None
