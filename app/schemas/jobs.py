@@ -48,10 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.db.orm import JobKind, JobStatus
 from app.schemas.common import WebhookUrl
 
-Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc")
+Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++")
 # Steps per sampler when a request gives none (as models.diffusion.pipeline.DEFAULT_STEPS).
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20, "sde-dpmsolver++": 20}
 SEED_MAX = 2**32 - 1
 MAX_PRETRAINING_STEPS = 1_000_000
 

@@ -50,8 +50,15 @@ SAMPLERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     ),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "timestep_spacing": "trailing",
                                         "lower_order_final": True}),
+    # Stochastic DPM-Solver++ (SDE): fresh noise each step, like DDPM's ancestral sampler, from the
+    # image's own generator.
+    "sde-dpmsolver++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
+         "lower_order_final": True, "final_sigmas_type": "zero"},
+    ),
 }
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20, "sde-dpmsolver++": 20}
 DEFAULT_GUIDANCE = 2.0
 
 

@@ -19,6 +19,8 @@ from PIL import Image
 
 from models.callbacks import Canceled
 from models.diffusion import (
+    DEFAULT_STEPS,
+    SAMPLERS,
     CXRDiffusionPipeline,
     TrainingConfig,
     image_seed,
@@ -207,7 +209,7 @@ def test_config_round_trip_and_validation() -> None:
 # ----------------------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize(("sampler", "steps"), [("dpmsolver++", 6), ("ddpm", 8)])
+@pytest.mark.parametrize(("sampler", "steps"), [("dpmsolver++", 6), ("ddpm", 8), ("sde-dpmsolver++", 6)])
 def test_same_bytes_whatever_the_batch_size_or_shard(pipe: CXRDiffusionPipeline, sampler: str, steps: int) -> None:
     labels = ["normal", "pneumonia", "normal"]
     kw = dict(seed=7, sampler=sampler, num_inference_steps=steps, guidance_scale=2.0)
@@ -296,13 +298,19 @@ def test_pipeline_argument_errors(pipe: CXRDiffusionPipeline) -> None:
 
 def test_sampler_names_map_to_diffusers_schedulers(pipe: CXRDiffusionPipeline) -> None:
     expected = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
-                "unipc": UniPCMultistepScheduler}
+                "unipc": UniPCMultistepScheduler, "sde-dpmsolver++": DPMSolverMultistepScheduler}
+    assert set(expected) == set(SAMPLERS)
+    from app.schemas.jobs import DEFAULT_STEPS as API_STEPS
+    from app.schemas.jobs import SAMPLERS as API_SAMPLERS
+
+    assert set(API_SAMPLERS) == set(SAMPLERS) and API_STEPS == DEFAULT_STEPS  # the API offers what models/ runs
     for name, cls in expected.items():
         s = make_scheduler(pipe.scheduler.config, name)
         assert type(s) is cls
         assert s.config.prediction_type == "v_prediction"
         assert s.config.beta_schedule == "squaredcos_cap_v2"
     assert make_scheduler(pipe.scheduler.config, "dpmsolver++").config.algorithm_type == "dpmsolver++"
+    assert make_scheduler(pipe.scheduler.config, "sde-dpmsolver++").config.algorithm_type == "sde-dpmsolver++"
     with pytest.raises(ValueError, match="unknown sampler"):
         make_scheduler(pipe.scheduler.config, "heun")
 
