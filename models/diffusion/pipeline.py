@@ -34,7 +34,7 @@ from models.device import autocast_for, pick_device
 
 # diffusers schedulers share no typed base class that declares step / set_timesteps / timesteps.
 Scheduler = Any
-Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++"]
 OutputType = Literal["np", "pil", "pt"]
 
 #: sampler name -> (diffusers scheduler class, extra config overrides)
