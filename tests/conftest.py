@@ -168,3 +168,18 @@ def tiny_generator(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     out = tmp_path_factory.mktemp("tiny-generator") / "generator-tiny"
     return train_tiny_generator(out, shared_data / "pneumoniamnist" / "pneumoniamnist_28.npz")
+
+
+# --- one torch thread ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    models are dominated by thread overhead, and on a busy 2-core machine OpenMP threads wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,15 +38,7 @@ SEED, N, MEMORISED = 11, 6, (0, 3)
 JOB = {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 1.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One torch thread: on a busy 2-core machine OpenMP threads mostly wait on each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _first_attempt_images(generator_dir: Path, plan: list[str | None], indices: tuple[int, ...]) -> np.ndarray:
