@@ -32,13 +32,12 @@ from worker.runtime import WorkerContext
 from worker.tasks.jobs import task_registry
 from worker.tasks.privacy import attempt_seed, privacy_prefix, record_key
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 SEED, N, MEMORISED = 11, 6, (0, 3)
 JOB = {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 1.5}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _first_attempt_images(generator_dir: Path, plan: list[str | None], indices: tuple[int, ...]) -> np.ndarray:
