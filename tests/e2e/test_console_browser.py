@@ -96,10 +96,26 @@ def screenshot(driver: Any, name: str) -> None:
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def _is_dom_race(exc: Exception) -> bool:
+    """A node the page's script removed between chromedriver finding it and reading it (live updates)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    return isinstance(exc, StaleElementReferenceException) or "does not belong to the document" in str(exc)
+
+
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]) -> Any:
+    """Poll pred until truthy. The console's script updates pages in place, so a read that races one of its
+    DOM edits is retried; any other error fails at once."""
+    from selenium.common.exceptions import WebDriverException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = pred()
+        try:
+            value = pred()
+        except WebDriverException as exc:
+            if not _is_dom_race(exc):
+                raise
+            value = None
         if value:
             return value
         time.sleep(0.25)
@@ -120,7 +136,7 @@ def png(value: int) -> bytes:
 
 def click_and_load(driver: Any, element: Any) -> None:
     """Click something that navigates (a link, a submit button) and wait until the new page has loaded."""
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -128,11 +144,9 @@ def click_and_load(driver: Any, element: Any) -> None:
     old = driver.find_element(By.TAG_NAME, "html")
     try:
         element.click()
-    except StaleElementReferenceException:
-        pass  # the click navigated before chromedriver finished with the node; the wait below checks
     except WebDriverException as exc:
-        # Same race, reported by Chromium's inspector as "Node with given id does not belong to the document".
-        if "does not belong to the document" not in str(exc):
+        # The click navigated before chromedriver finished with the node; the waits below check the load.
+        if not _is_dom_race(exc):
             raise
     WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
     WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
@@ -223,8 +237,11 @@ def test_console_in_headless_chromium(settings_factory: Any, services_factory: A
         return [e["message"] for e in got.json()][-200:]
 
     def log_rows() -> list[str]:
-        rows = d.find_elements(By.CSS_SELECTOR, "tbody[data-events] tr")
-        return [r.text for r in rows if not r.find_elements(By.CSS_SELECTOR, "td.empty")]
+        # One script call reads every row at once: the page's script removes the "No events yet" row and
+        # appends lines while it polls, so element-by-element reads could race it.
+        return list(d.execute_script(
+            "return [...document.querySelectorAll('tbody[data-events] tr')]"
+            ".filter(r => !r.querySelector('td.empty')).map(r => r.innerText);"))
 
     def log_matches_api() -> bool:
         api, page_rows = api_messages(), log_rows()
