@@ -125,10 +125,10 @@ def load_training_index(generator_dir: str | Path) -> TrainingIndex:
 def write_privacy_index(generator_dir: Path, data: TrainingData, device: str = "auto") -> bool:
     """Privacy index + calibrated thresholds of the memorisation gate (:mod:`models.privacy.index`).
 
-    Patient ids are not part of :class:`TrainingData`, so the calibration skips only exact duplicates
-    (recorded in ``privacy_calibration.json``); ``cxrsynth privacy-index`` rebuilds it from the training
-    folder with patient ids. Returns False (and logs why) when the set is too small to calibrate: the
-    generator then works without a gate and its datasets are recorded ``not_run``.
+    The leave-one-out calibration skips the same patient when ``data.patient_ids`` is known (a training
+    folder: ids from the file names) and only exact duplicates otherwise (an in-memory array); which one
+    is recorded in ``privacy_calibration.json``. Returns False (and logs why) when the set is too small to
+    calibrate: the generator then works without a gate and its datasets are recorded ``not_run``.
     """
     import logging
 
@@ -136,7 +136,7 @@ def write_privacy_index(generator_dir: Path, data: TrainingData, device: str = "
 
     try:
         index, calibration = build_privacy_index(
-            data.images, labels=data.labels, patient_ids=getattr(data, "patient_ids", None), source=data.source,
+            data.images, labels=data.labels, patient_ids=data.patient_ids, source=data.source,
             device=device)
     except ValueError as exc:
         logging.getLogger(__name__).warning("no privacy index for %s: %s", generator_dir, exc)

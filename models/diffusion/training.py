@@ -39,12 +39,15 @@ class TrainingData:
 
     ``labels`` are class ids into ``label_names`` (``None`` for an unlabelled set, which trains an
     unconditional generator). ``source`` names where the images came from, for the model card.
+    ``patient_ids`` (one per image, ``None`` when unknown) let the privacy calibration written at export
+    skip a patient's follow-up images, which look alike without being memorisation.
     """
 
     images: np.ndarray
     labels: np.ndarray | None
     label_names: tuple[str, ...]
     source: str
+    patient_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or self.images.dtype != np.uint8:
@@ -58,6 +61,8 @@ class TrainingData:
                 raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
             if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
                 raise ValueError(f"labels must be class ids in [0, {len(self.label_names)})")
+        if self.patient_ids is not None and len(self.patient_ids) != len(self.images):
+            raise ValueError(f"{len(self.patient_ids)} patient ids for {len(self.images)} images")
 
     @property
     def conditional(self) -> bool:
@@ -74,16 +79,18 @@ class TrainingData:
 def load_training_data(data: str | Path, resolution: int, aspect_mode: str = "pad") -> TrainingData:
     """Read an ImageFolder (label = sub-folder name) or an unlabelled folder into RAM.
 
-    Label names are sorted, so ``normal`` -> 0 and ``pneumonia`` -> 1 for the Kermany layout.
+    Label names are sorted, so ``normal`` -> 0 and ``pneumonia`` -> 1 for the Kermany layout. Patient ids
+    come from the file names (:func:`models.data.folders.patient_id_from_name`).
     """
     records = list_image_folder(data)
     images = images_to_array([r.path for r in records], resolution, aspect_mode, threads=2)  # type: ignore[arg-type]
+    patients = tuple(r.patient_id for r in records)
     if records[0].label is None:
-        return TrainingData(images, None, (), Path(data).name)
+        return TrainingData(images, None, (), Path(data).name, patients)
     names = tuple(sorted({r.label for r in records if r.label is not None}))
     ids = {n: i for i, n in enumerate(names)}
     labels = np.array([ids[r.label] for r in records if r.label is not None], dtype=np.int64)
-    return TrainingData(images, labels, names, Path(data).name)
+    return TrainingData(images, labels, names, Path(data).name, patients)
 
 
 @dataclass
@@ -234,7 +241,7 @@ def _resize_data(td: TrainingData, config: TrainingConfig) -> TrainingData:
         [np.asarray(resize_grey(Image.fromarray(im, mode="L"), config.resolution, config.aspect_mode))
          for im in td.images]
     )
-    return TrainingData(out, td.labels, td.label_names, td.source)
+    return TrainingData(out, td.labels, td.label_names, td.source, td.patient_ids)
 
 
 def train_generator(

@@ -21,9 +21,10 @@ that distribution, per space; an image is rejected when it exceeds either. The i
 training data and the embedding network only, not on the diffusion weights, so a retrained generator
 on the same data can reuse it.
 
-Built automatically when a generator is exported (patient ids unknown there: only duplicates are
-skipped, recorded as such); :func:`build_for_generator` / ``cxrsynth privacy-index`` rebuilds it from
-the training folder with patient ids from the file names.
+Built automatically when a generator is exported (patient ids from the training folder's file names;
+for an in-memory array they are unknown and only duplicates are skipped, recorded as such);
+:func:`build_for_generator` / ``cxrsynth privacy-index`` rebuilds it from the training folder, optionally
+against held-out images.
 """
 
 from __future__ import annotations

@@ -181,6 +181,37 @@ def test_unlabelled_folder_trains_an_unconditional_generator(tmp_path: Path) -> 
         p(labels=["normal"], num_inference_steps=2)
 
 
+def test_folder_patient_ids_reach_the_export_time_privacy_calibration(tmp_path: Path) -> None:
+    """A generator trained on a folder calibrates its memorisation gate without same-patient pairs (follow-up
+    images look alike without being memorisation); an in-memory array has no patient ids and says so."""
+    from models.diffusion import TrainingData, load_training_data
+
+    rng = np.random.default_rng(1)
+    names = {"normal": ["IM-0001-0001.png", "IM-0001-0002.png", "IM-0002-0001.png", "NORMAL2-IM-0003-0001.png"],
+             "pneumonia": ["person1_bacteria_1.png", "person1_virus_2.png", "person2_bacteria_3.png",
+                           "person3_virus_4.png"]}
+    for label, files in names.items():
+        folder = tmp_path / "data" / label
+        folder.mkdir(parents=True)
+        for f in files:
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L").save(folder / f)
+    td = load_training_data(tmp_path / "data", 32)
+    assert td.patient_ids == ("IM-0001", "IM-0001", "IM-0002", "NORMAL2-IM-0003",
+                              "person1", "person1", "person2", "person3")
+    with pytest.raises(ValueError, match="2 patient ids for 8 images"):
+        TrainingData(td.images, td.labels, td.label_names, td.source, ("a", "b"))
+    res = train_generator(tmp_path / "data", tmp_path / "gen", TrainingConfig.tiny(max_steps=1, batch_size=4),
+                          sample_grid=False)
+    assert res.out_dir is not None
+    cal = json.loads((res.out_dir / "privacy_calibration.json").read_text())
+    assert "same patient" in cal["reference"]["excluded_pairs"], cal["reference"]
+    res2 = train_generator(td.images, tmp_path / "gen2", TrainingConfig.tiny(max_steps=1, batch_size=4),
+                           labels=td.labels, label_names=td.label_names, sample_grid=False)
+    assert res2.out_dir is not None
+    cal2 = json.loads((res2.out_dir / "privacy_calibration.json").read_text())
+    assert "patient ids unknown" in cal2["reference"]["excluded_pairs"], cal2["reference"]
+
+
 def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no images"):
         train_generator(tmp_path, None, TrainingConfig.tiny(max_steps=1))
