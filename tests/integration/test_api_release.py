@@ -307,23 +307,32 @@ def test_a_failing_build_is_retried_then_reported(client: TestClient, tenant: Te
     assert "failed 3 times" in problem["detail"] and "0000001.png" in problem["detail"]
 
 
+def _sleep_past(expires_at: str, margin_s: float = 1.5) -> None:
+    """Sleep until ``margin_s`` after a link's ``expires_at`` (ISO 8601 from the API)."""
+    from datetime import datetime
+
+    time.sleep(max(0.0, datetime.fromisoformat(expires_at).timestamp() + margin_s - time.time()))
+
+
 def test_expired_links_are_refused(settings_with: Callable[..., Settings], tenant: TenantAuth,
                                    tmp_path: Path) -> None:
-    # Presigned S3 URL: S3 itself refuses it after the TTL.
-    s3_settings = settings_with(signed_url_ttl_s=1)
+    # Presigned S3 URL: S3 itself refuses it after the TTL. The TTL is 3 s, not 1: SigV4's X-Amz-Date is
+    # whole seconds (truncated), so a 1 s link can be valid for only a few milliseconds (the old flake).
+    s3_settings = settings_with(signed_url_ttl_s=3)
     store = build_store(s3_settings)
     ds_id = make_synthetic(s3_settings, store, tenant, "passed")
     with running_client(s3_settings) as c:
         link = _download(c, tenant, ds_id).json()
         assert httpx.get(link["url"], timeout=10).status_code == 200
-        time.sleep(2.5)
+        _sleep_past(link["expires_at"])
         assert httpx.get(link["url"], timeout=10).status_code == 403
     # Local store: our own signed token, refused with a problem that says it expired.
-    local = settings_with(storage_backend="local", storage_dir=tmp_path / "objects", signed_url_ttl_s=1)
+    local = settings_with(storage_backend="local", storage_dir=tmp_path / "objects", signed_url_ttl_s=3)
     local_ds = make_synthetic(local, build_store(local), tenant, "passed")
     with running_client(local) as c:
-        path = _download(c, tenant, local_ds).json()["url"].removeprefix("http://testserver")
+        link = _download(c, tenant, local_ds).json()
+        path = link["url"].removeprefix("http://testserver")
         assert c.get(path).status_code == 200
-        time.sleep(2.5)
+        _sleep_past(link["expires_at"])
         problem = assert_problem(c.get(path), 403, "invalid-download-token")
         assert "expired" in problem["detail"]
