@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.db.orm import Job, JobEvent, JobShard, JobStatus, utcnow
+from app.db.orm import Encoder, Generator, Job, JobEvent, JobShard, JobStatus, utcnow
 from app.db.session import get_sessionmaker
 from app.storage import ObjectStore, build_store
 from models.callbacks import Canceled, OnStep
@@ -116,6 +116,70 @@ def load_job(session: Session, job_id: str, lock: bool = False) -> Job | None:
     if lock:
         stmt = stmt.with_for_update()
     return session.scalar(stmt)
+
+
+def begin_job(session: Session, settings: Settings, job_id: str) -> Job | None:
+    """Lock the job and count this delivery; ``None`` when there is nothing to do (gone, finished, canceled
+    before it ran, or delivered more than ``max_task_attempts`` times, which fails it). Call inside a
+    transaction; the caller marks it running once its own checks pass."""
+    job = load_job(session, job_id, lock=True)
+    if job is None or JobStatus(job.status).terminal:
+        return None
+    if job.cancel_requested:
+        mark_canceled(session, job)
+        return None
+    job.attempts += 1
+    if job.attempts > settings.max_task_attempts:
+        mark_failed(session, job, "worker lost", f"delivered {job.attempts - 1} times without finishing")
+        return None
+    return job
+
+
+def public_error(exc: BaseException, work: Path) -> str:
+    """``Type: message`` of an exception without the worker's temporary folder (clients never see worker
+    paths)."""
+    return f"{type(exc).__name__}: " + str(exc).replace(str(work) + "/", "").replace(str(work), "")
+
+
+# A job that produces a model (a generator or an encoder) owns one row of that model, created when the
+# job first runs and finished here: ready with its files and metrics, or failed / canceled with the job.
+ModelRow = TypeVar("ModelRow", Generator, Encoder)
+
+
+def end_model_job(ctx: WorkerContext, job_id: str, model: type[ModelRow], model_id: str, *,
+                  failure: tuple[str, str] | None = None) -> None:
+    """Mark the job and its model row canceled (``failure=None``) or failed (``(title, detail)``)."""
+    with ctx.sessions.begin() as s:
+        job = load_job(s, job_id)
+        row = s.get(model, model_id)
+        if row is not None:
+            row.status = "canceled" if failure is None else "failed"
+        if job is None:
+            return
+        if failure is None:
+            mark_canceled(s, job)
+        else:
+            mark_failed(s, job, *failure)
+
+
+def complete_model_job(ctx: WorkerContext, job_id: str, model: type[ModelRow], model_id: str, *, kind: str,
+                       prefix: str, config: dict[str, Any], card: str, steps: int, final_loss: float,
+                       wall_seconds: float) -> None:
+    """The model row ready (files under ``prefix``) and the job succeeded with links to it; a no-op when the
+    job ended meanwhile (canceled while uploading, or finished by an earlier delivery)."""
+    with ctx.sessions.begin() as s:
+        job = load_job(s, job_id, lock=True)
+        row = s.get(model, model_id)
+        if job is None or row is None or JobStatus(job.status).terminal:
+            return
+        row.prefix, row.config, row.card, row.status = prefix, config, card, "ready"
+        row.metrics = {**(row.metrics or {}), "final_loss": final_loss, "steps": steps}
+        job.status = JobStatus.succeeded.value
+        job.finished_at = utcnow()
+        job.compute_seconds = float(wall_seconds)
+        job.result = {f"{kind}_id": model_id, "steps": steps, "final_loss": final_loss,
+                      "links": {kind: f"/v1/{kind}s/{model_id}", "download": f"/v1/{kind}s/{model_id}/download"}}
+        record_event(s, job_id, f"{kind} {model_id} ready")
 
 
 def job_payload(job: Job) -> dict[str, Any]:

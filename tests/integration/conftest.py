@@ -32,6 +32,8 @@ from app.main import create_app
 from app.services.tenants import create_tenant
 from app.storage.base import ObjectStore, build_store
 from tests.support import DATA_DIR, S3Server, s3_settings_for
+from worker.dispatch import InlineDispatcher
+from worker.runtime import WorkerContext
 
 API_LIMITS: dict[str, Any] = {
     "public_base_url": "http://testserver",
@@ -111,6 +113,31 @@ def running_client(settings: Settings, **client_kwargs: Any) -> Iterator[TestCli
     """A TestClient of ``create_app(settings)`` with its lifespan (migrations, built-in rows) run."""
     with TestClient(create_app(settings), **client_kwargs) as client:
         yield client
+
+
+def run_inline(settings: Settings, job_id: str) -> WorkerContext:
+    """What a worker does with the job's start message (and every task it sends on), in this process."""
+    from app.core.queue import TASK_START_JOB
+    from worker.tasks.jobs import task_registry
+
+    ctx = WorkerContext(settings, InlineDispatcher({}))
+    dispatcher = InlineDispatcher(task_registry(ctx))
+    ctx.dispatcher = dispatcher
+    dispatcher.send(TASK_START_JOB, job_id)
+    dispatcher.drain()
+    return ctx
+
+
+def cancel_once_running(monkeypatch: pytest.MonkeyPatch, task_module: Any) -> None:
+    """Make a task module's ``mark_running`` also set ``cancel_requested``: a cancel request that arrives
+    just after the job started, so the run stops at its next step (``monkeypatch.undo()`` ends it)."""
+    original = task_module.mark_running
+
+    def running_then_canceled(s: Any, job: Any) -> None:
+        original(s, job)
+        job.cancel_requested = True
+
+    monkeypatch.setattr(task_module, "mark_running", running_then_canceled)
 
 
 @pytest.fixture(scope="session")

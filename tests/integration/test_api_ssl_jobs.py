@@ -18,13 +18,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
-from app.core.queue import TASK_START_JOB
 from app.db.orm import Encoder, Job
 from app.db.session import get_sessionmaker
-from tests.integration.conftest import TenantAuth, assert_problem, upload, zip_bytes
-from worker.dispatch import InlineDispatcher
-from worker.runtime import WorkerContext
-from worker.tasks.jobs import task_registry
+from tests.integration.conftest import TenantAuth, assert_problem, cancel_once_running, run_inline, upload, zip_bytes
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -62,15 +58,6 @@ def _dataset(client: TestClient, auth: TenantAuth, data: bytes, name: str) -> st
     resp = upload(client, auth, [(f"{name}.zip", data)], name=name)
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
-
-
-def run_inline(settings: Settings, job_id: str) -> None:
-    """What a worker does with the job's start message, in this process."""
-    ctx = WorkerContext(settings, InlineDispatcher({}))
-    dispatcher = InlineDispatcher(task_registry(ctx))
-    ctx.dispatcher = dispatcher
-    dispatcher.send(TASK_START_JOB, job_id)
-    dispatcher.drain()
 
 
 def _post_and_run(client: TestClient, settings: Settings, auth: TenantAuth, path: str, body: dict[str, Any]) -> Any:
@@ -208,13 +195,7 @@ def test_cancel_mid_run_and_failure_are_reported(
 
     ds = {name: _dataset(client, tenant, zips[name], name) for name in ("train", "test")}
     # A cancel request that arrives once the job runs: the worker stops at the next step.
-    original = ssl_tasks.mark_running
-
-    def running_then_canceled(s: Any, job: Any) -> None:
-        original(s, job)
-        job.cancel_requested = True
-
-    monkeypatch.setattr(ssl_tasks, "mark_running", running_then_canceled)
+    cancel_once_running(monkeypatch, ssl_tasks)
     resp = client.post("/v1/pretrainings", json={"dataset_ids": [ds["train"]], "name": "enc", "resolution": 32,
                                                  "steps": 3, "batch_size": 4}, headers=tenant.headers)
     run_inline(api_settings, resp.json()["id"])

@@ -27,6 +27,7 @@ from app.core.queue import TASK_START_JOB
 from app.db.orm import Dataset, Generator, Job, JobShard, Tenant, WebhookDelivery
 from app.db.session import get_sessionmaker, migrate
 from app.services.tenants import create_tenant
+from tests.integration.conftest import run_inline
 from worker.dispatch import InlineDispatcher
 from worker.runtime import WorkerContext
 from worker.tasks.jobs import task_registry
@@ -61,15 +62,6 @@ def make_job(stack: dict[str, Any], n: int, seed: int = 11, webhook_url: str | N
         s.add(job)
         s.commit()
         return job.id
-
-
-def run_inline(settings: Settings, job_id: str) -> WorkerContext:
-    ctx = WorkerContext(settings, InlineDispatcher({}))
-    dispatcher = InlineDispatcher(task_registry(ctx))
-    ctx.dispatcher = dispatcher
-    dispatcher.send(TASK_START_JOB, job_id)
-    dispatcher.drain()
-    return ctx
 
 
 def manifest(ctx: WorkerContext, sessions: Any, job_id: str) -> list[dict[str, str]]:

@@ -28,12 +28,16 @@ from models.callbacks import Canceled
 from models.data.folders import IMAGE_SUFFIXES
 from worker.runtime import (
     WorkerContext,
+    begin_job,
+    complete_model_job,
     download_prefix,
+    end_model_job,
     load_job,
     make_progress_callback,
     mark_canceled,
     mark_failed,
     mark_running,
+    public_error,
     record_event,
     upload_folder,
 )
@@ -41,22 +45,6 @@ from worker.runtime import (
 log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "scratch:"
-
-
-def _begin(s: Any, ctx: WorkerContext, job_id: str) -> Job | None:
-    """Lock the job, count the delivery and mark nothing yet; ``None`` when there is nothing to do (gone,
-    finished, canceled before it ran, or over the delivery limit). Call inside a transaction."""
-    job = load_job(s, job_id, lock=True)
-    if job is None or JobStatus(job.status).terminal:
-        return None
-    if job.cancel_requested:
-        mark_canceled(s, job)
-        return None
-    job.attempts += 1
-    if job.attempts > ctx.settings.max_task_attempts:
-        mark_failed(s, job, "worker lost", f"delivered {job.attempts - 1} times without finishing")
-        return None
-    return job
 
 
 def _own_dataset(s: Any, job: Job, dataset_id: str) -> Dataset | None:
@@ -97,7 +85,7 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
     from models.ssl import PretrainConfig, pretrain
 
     with ctx.sessions.begin() as s:
-        job = _begin(s, ctx, job_id)
+        job = begin_job(s, ctx.settings, job_id)
         if job is None:
             return
         params = PretrainingParams.model_validate(job.params)
@@ -144,49 +132,19 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
         meta = json.loads((out / "config.json").read_text())
         card = (out / "README.md").read_text()
     except Canceled:
-        _finish_encoder(ctx, job_id, enc_id, "canceled", None)
+        end_model_job(ctx, job_id, Encoder, enc_id)
         shutil.rmtree(ckpt, ignore_errors=True)
         return
     except Exception as exc:
         log.exception("pretraining %s failed", job_id)
-        _finish_encoder(ctx, job_id, enc_id, "failed", f"{type(exc).__name__}: {_relative(exc, work)}")
+        end_model_job(ctx, job_id, Encoder, enc_id, failure=("pretraining failed", public_error(exc, work)))
         shutil.rmtree(ckpt, ignore_errors=True)
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    with ctx.sessions.begin() as s:
-        job = load_job(s, job_id, lock=True)
-        enc = s.get(Encoder, enc_id)
-        if job is None or enc is None or JobStatus(job.status).terminal:
-            return
-        enc.prefix, enc.config, enc.card, enc.status = prefix, meta, card, "ready"
-        enc.metrics = {"final_loss": run.final_loss, "steps": run.steps}
-        job.status = JobStatus.succeeded.value
-        job.finished_at = utcnow()
-        job.compute_seconds = float(run.wall_seconds)
-        job.result = {"encoder_id": enc_id, "steps": run.steps, "final_loss": run.final_loss,
-                      "links": {"encoder": f"/v1/encoders/{enc_id}", "download": f"/v1/encoders/{enc_id}/download"}}
-        record_event(s, job_id, f"encoder {enc_id} ready")
+    complete_model_job(ctx, job_id, Encoder, enc_id, kind="encoder", prefix=prefix, config=meta, card=card,
+                       steps=run.steps, final_loss=run.final_loss, wall_seconds=run.wall_seconds)
     shutil.rmtree(ckpt, ignore_errors=True)
-
-
-def _finish_encoder(ctx: WorkerContext, job_id: str, enc_id: str, status: str, error: str | None) -> None:
-    with ctx.sessions.begin() as s:
-        job = load_job(s, job_id)
-        enc = s.get(Encoder, enc_id)
-        if enc is not None:
-            enc.status = status
-        if job is None:
-            return
-        if error is None:
-            mark_canceled(s, job)
-        else:
-            mark_failed(s, job, "pretraining failed", error)
-
-
-def _relative(exc: BaseException, work: Path) -> str:
-    """The error message without the worker's temporary folder (clients never see worker paths)."""
-    return str(exc).replace(str(work) + "/", "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +160,7 @@ def evaluate_job(ctx: WorkerContext, job_id: str) -> None:
     )
 
     with ctx.sessions.begin() as s:
-        job = _begin(s, ctx, job_id)
+        job = begin_job(s, ctx.settings, job_id)
         if job is None:
             return
         params = EvaluationParams.model_validate(job.params)
@@ -261,7 +219,7 @@ def evaluate_job(ctx: WorkerContext, job_id: str) -> None:
         with ctx.sessions.begin() as s:
             job = load_job(s, job_id)
             if job is not None:
-                mark_failed(s, job, "evaluation failed", f"{type(exc).__name__}: {_relative(exc, work)}")
+                mark_failed(s, job, "evaluation failed", public_error(exc, work))
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)

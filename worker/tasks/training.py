@@ -12,44 +12,40 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from app.db.orm import Dataset, Generator, JobStatus, utcnow
+from app.db.orm import Dataset, Generator
 from app.storage.base import tenant_key
 from models.callbacks import Canceled
 from worker.runtime import (
     WorkerContext,
+    begin_job,
+    complete_model_job,
     download_prefix,
-    load_job,
+    end_model_job,
     make_progress_callback,
-    mark_canceled,
     mark_failed,
     mark_running,
+    public_error,
+    record_event,
     upload_folder,
 )
 
 log = logging.getLogger(__name__)
 
 
-
 def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
     """Run (or resume) one generator-training job end to end."""
+    from models.checkpoints import CHECKPOINT_NAME
     from models.diffusion.config import TrainingConfig
     from models.diffusion.training import train_generator
 
     with ctx.sessions.begin() as s:
-        job = load_job(s, job_id, lock=True)
-        if job is None or JobStatus(job.status).terminal:
-            return
-        if job.cancel_requested:
-            mark_canceled(s, job)
-            return
-        job.attempts += 1
-        if job.attempts > ctx.settings.max_task_attempts:
-            mark_failed(s, job, "worker lost", f"delivered {job.attempts - 1} times without finishing")
+        job = begin_job(s, ctx.settings, job_id)
+        if job is None:
             return
         params = dict(job.params or {})
         dataset = s.get(Dataset, params.get("dataset_id"))
-        if dataset is None or dataset.tenant_id != job.tenant_id:
-            mark_failed(s, job, "dataset not found", f"dataset {params.get('dataset_id')} is gone")
+        if dataset is None or dataset.tenant_id != job.tenant_id or dataset.status != "ready":
+            mark_failed(s, job, "dataset not found", f"dataset {params.get('dataset_id')} is gone or not ready")
             return
         result = dict(job.result or {})
         gen = s.get(Generator, result["generator_id"]) if "generator_id" in result else None
@@ -60,8 +56,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             s.flush()
             job.result = {**result, "generator_id": gen.id}
         mark_running(s, job)
-        gen_id, tenant_id = gen.id, job.tenant_id
-        s.expunge(dataset)
+        gen_id, tenant_id, dataset_prefix = gen.id, job.tenant_id, dataset.prefix
     base = TrainingConfig()
     overrides = {"resolution": int(params.get("resolution", base.resolution)),
                  "max_steps": int(params.get("steps", base.max_steps))}
@@ -72,50 +67,30 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"cxrsynth-train-{job_id[:8]}-"))
     try:
         config = base.replace(**overrides)
-        n = download_prefix(ctx.store, dataset.prefix, work / "data")
-        if n == 0:
-            raise ValueError(f"dataset {dataset.id} has no images")
-        on_step = make_progress_callback(ctx, job_id)
-        result_run = train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt,
-                                     resume=(ckpt / "state.pt").exists() or any(ckpt.glob("*.pt")),
-                                     on_step=on_step, device=ctx.settings.device)
+        if download_prefix(ctx.store, dataset_prefix, work / "data") == 0:
+            raise ValueError(f"dataset {params.get('dataset_id')} has no images in the store")
+        resume = (ckpt / CHECKPOINT_NAME).is_file()
+        if resume:
+            with ctx.sessions.begin() as s:
+                record_event(s, job_id, "resuming from the last checkpoint")
+        run = train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
+                              on_step=make_progress_callback(ctx, job_id), device=ctx.settings.device)
         out = work / "out"
         prefix = tenant_key(tenant_id, "generators", gen_id)
         upload_folder(ctx.store, out, prefix)
         meta = json.loads((out / "cxrsynth.json").read_text())
         card = (out / "README.md").read_text() if (out / "README.md").exists() else ""
     except Canceled:
-        with ctx.sessions.begin() as s:
-            job = load_job(s, job_id)
-            gen = s.get(Generator, gen_id)
-            if gen is not None:
-                gen.status = "canceled"
-            if job is not None:
-                mark_canceled(s, job)
+        end_model_job(ctx, job_id, Generator, gen_id)
+        shutil.rmtree(ckpt, ignore_errors=True)
         return
     except Exception as exc:
         log.exception("generator training %s failed", job_id)
-        with ctx.sessions.begin() as s:
-            job = load_job(s, job_id)
-            gen = s.get(Generator, gen_id)
-            if gen is not None:
-                gen.status = "failed"
-            if job is not None:
-                mark_failed(s, job, "generator training failed", f"{type(exc).__name__}: {exc}")
+        end_model_job(ctx, job_id, Generator, gen_id, failure=("generator training failed", public_error(exc, work)))
+        shutil.rmtree(ckpt, ignore_errors=True)
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    with ctx.sessions.begin() as s:
-        job = load_job(s, job_id, lock=True)
-        gen = s.get(Generator, gen_id)
-        if job is None or gen is None or JobStatus(job.status).terminal:
-            return
-        gen.prefix, gen.config, gen.card, gen.status = prefix, meta, card, "ready"
-        gen.metrics = {"final_loss": result_run.final_loss, "steps": result_run.steps}
-        job.status = JobStatus.succeeded.value
-        job.finished_at = utcnow()
-        job.compute_seconds = float(result_run.wall_seconds)
-        job.result = {"generator_id": gen_id, "steps": result_run.steps, "final_loss": result_run.final_loss,
-                      "links": {"generator": f"/v1/generators/{gen_id}",
-                                "download": f"/v1/generators/{gen_id}/download"}}
+    complete_model_job(ctx, job_id, Generator, gen_id, kind="generator", prefix=prefix, config=meta, card=card,
+                       steps=run.steps, final_loss=run.final_loss, wall_seconds=run.wall_seconds)
     shutil.rmtree(ckpt, ignore_errors=True)
