@@ -138,7 +138,7 @@ def begin_job(session: Session, settings: Settings, job_id: str) -> Job | None:
 def public_error(exc: BaseException, work: Path) -> str:
     """``Type: message`` of an exception without the worker's temporary folder (clients never see worker
     paths)."""
-    return f"{type(exc).__name__}: " + str(exc).replace(str(work) + "/", "").replace(str(work), "")
+    return f"{type(exc).__name__}: " + str(exc).replace(str(work) + "/", "").replace(str(work), "<work folder>")
 
 
 # A job that produces a model (a generator or an encoder) owns one row of that model, created when the

@@ -140,6 +140,18 @@ def cancel_once_running(monkeypatch: pytest.MonkeyPatch, task_module: Any) -> No
     monkeypatch.setattr(task_module, "mark_running", running_then_canceled)
 
 
+def assert_model_job_canceled(client: TestClient, auth: TenantAuth, settings: Settings, job_id: str,
+                              kind: str) -> None:
+    """A canceled generator-training or pretraining job: the job and its ``kind`` row (``generator`` or
+    ``encoder``) canceled, no download, and no checkpoints left behind."""
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth.headers).json()
+    assert job["status"] == "canceled", job
+    row = client.get(f"/v1/{kind}s/{job['result'][f'{kind}_id']}", headers=auth.headers).json()
+    assert row["status"] == "canceled"
+    assert_problem(client.get(f"/v1/{kind}s/{row['id']}/download", headers=auth.headers), 409, "not-ready")
+    assert not (settings.data_dir / "checkpoints" / job_id).exists()
+
+
 @pytest.fixture(scope="session")
 def client(api_settings: Settings) -> Iterator[TestClient]:
     """The API on the real stack, shared by the API tests."""

@@ -18,7 +18,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
-from tests.integration.conftest import TenantAuth, assert_problem, cancel_once_running, run_inline, upload, zip_bytes
+from tests.integration.conftest import (
+    TenantAuth,
+    assert_model_job_canceled,
+    assert_problem,
+    cancel_once_running,
+    run_inline,
+    upload,
+    zip_bytes,
+)
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -124,12 +132,7 @@ def test_cancel_and_failure_end_the_job_and_its_generator(
     job_id = _train(client, tenant, ds_id, steps=20)
     run_inline(api_settings, job_id)
     monkeypatch.undo()
-    job = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json()
-    assert job["status"] == "canceled"
-    gen = client.get(f"/v1/generators/{job['result']['generator_id']}", headers=tenant.headers).json()
-    assert gen["status"] == "canceled"
-    assert_problem(client.get(f"/v1/generators/{gen['id']}/download", headers=tenant.headers), 409, "not-ready")
-    assert not (api_settings.data_dir / "checkpoints" / job_id).exists()
+    assert_model_job_canceled(client, tenant, api_settings, job_id, "generator")
 
     # The dataset's images vanish from the store after the job was accepted: a clear failure that names
     # the dataset, not the worker's temporary folder.

@@ -20,7 +20,15 @@ from PIL import Image
 from app.core.config import Settings
 from app.db.orm import Encoder, Job
 from app.db.session import get_sessionmaker
-from tests.integration.conftest import TenantAuth, assert_problem, cancel_once_running, run_inline, upload, zip_bytes
+from tests.integration.conftest import (
+    TenantAuth,
+    assert_model_job_canceled,
+    assert_problem,
+    cancel_once_running,
+    run_inline,
+    upload,
+    zip_bytes,
+)
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -200,12 +208,7 @@ def test_cancel_mid_run_and_failure_are_reported(
                                                  "steps": 3, "batch_size": 4}, headers=tenant.headers)
     run_inline(api_settings, resp.json()["id"])
     monkeypatch.undo()
-    job = client.get(f"/v1/jobs/{resp.json()['id']}", headers=tenant.headers).json()
-    assert job["status"] == "canceled"
-    enc = client.get(f"/v1/encoders/{job['result']['encoder_id']}", headers=tenant.headers).json()
-    assert enc["status"] == "canceled"
-    assert_problem(client.get(f"/v1/encoders/{enc['id']}/download", headers=tenant.headers), 409, "not-ready")
-    assert not (api_settings.data_dir / "checkpoints" / job["id"]).exists()
+    assert_model_job_canceled(client, tenant, api_settings, resp.json()["id"], "encoder")
 
     # The test images vanish from the store after the job was accepted: a clear failure, no worker paths.
     resp = client.post("/v1/evaluations", json={"encoder_id": "scratch", "train_dataset_id": ds["train"],

@@ -38,8 +38,6 @@ SEED, N, MEMORISED = 11, 6, (0, 3)
 JOB = {"sampler": "ddim", "num_inference_steps": 4, "guidance_scale": 1.5}
 
 
-
-
 def _first_attempt_images(generator_dir: Path, plan: list[str | None], indices: tuple[int, ...]) -> np.ndarray:
     """What the job generates first for ``indices`` (the pipeline's output depends only on (seed, i))."""
     from models.diffusion.pipeline import CXRDiffusionPipeline
