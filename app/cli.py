@@ -33,6 +33,7 @@ from app.cli_export import datasets_export
 from app.cli_privacy import privacy_check_cmd, privacy_index_cmd
 from app.cli_ssl import evaluate_app, pretrain_cmd
 from app.core.config import Settings, get_settings
+from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, GENERATOR_KINDS, check_image_sizes, kind_for_resolution
 
 app = typer.Typer(help="cxrsynth: privacy-safe synthetic chest X-rays and encoders pretrained on them.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -386,20 +387,39 @@ def _export_folder(ctx: Any, dataset: Any, out: Path) -> int:
 def train_generator_cmd(
     data: Annotated[Path, typer.Option(help="ImageFolder (LABEL/*.png|jpg) or a folder of images.")],
     out: Annotated[Path, typer.Option(help="Where the diffusers-format generator is written.")],
-    resolution: Annotated[int, typer.Option(help="Model resolution in pixels.")] = 64,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3000,
+    resolution: Annotated[int, typer.Option(
+        help=f"Image size in pixels: {', '.join(f'{k} {list(v)}' for k, v in GENERATOR_KINDS.items())}.")] = 64,
+    steps: Annotated[int, typer.Option(help="Optimiser steps of the diffusion UNet.")] = 3000,
+    autoencoder_steps: Annotated[int | None, typer.Option(
+        help=f"Latent generators: autoencoder steps (default {DEFAULT_AUTOENCODER_STEPS}).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Resumable state (default OUT.ckpt).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint (either stage).")] = False,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Generator folder to warm-start from (a latent one also lends its autoencoder).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
 ) -> None:
-    """Train a diffusion generator on a folder of chest X-rays (runs here, no service needed)."""
+    """Train a diffusion generator on a folder of chest X-rays (runs here, no service needed).
+
+    64 px (32-128) trains a UNet on pixels; 224 or 256 px a latent generator: an autoencoder first,
+    then a UNet on its latents. Progress shows each stage."""
+    from models.data.folders import folder_image_sizes
     from models.diffusion.config import TrainingConfig
+    from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
     from models.diffusion.training import train_generator
 
     try:
-        config = TrainingConfig(resolution=resolution, max_steps=steps, batch_size=batch_size)
-    except ValueError as exc:
+        kind = kind_for_resolution(resolution)
+        if autoencoder_steps is not None and kind != "latent":
+            raise ValueError(f"--autoencoder-steps applies to latent generators ({list(GENERATOR_KINDS['latent'])} px)")
+        if kind == "latent":
+            check_image_sizes(resolution, folder_image_sizes(data))
+            latent = LatentGeneratorConfig.for_resolution(
+                resolution, autoencoder={"max_steps": autoencoder_steps or DEFAULT_AUTOENCODER_STEPS},
+                max_steps=steps, batch_size=batch_size)
+        else:
+            config = TrainingConfig(resolution=resolution, max_steps=steps, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
     with _progress() as bar:
@@ -409,11 +429,16 @@ def train_generator_cmd(
             bar.update(task, completed=step, total=total, description=message[:60])
 
         try:
-            result = train_generator(data, out, config, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
-                                     device=device)
+            if kind == "latent":
+                result = train_latent_generator(data, out, latent, checkpoint_dir=ckpt, resume=resume,
+                                                on_step=on_step, device=device, init_from=init_from)
+            else:
+                result = train_generator(data, out, config, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
+                                         device=device, init_from=init_from)
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
-    console.print(f"[green]trained[/] {result.steps} steps in {result.wall_seconds:.0f} s -> {out}")
+    console.print(f"[green]trained[/] a {kind} generator ({resolution} px), {result.steps} UNet steps in "
+                  f"{result.wall_seconds:.0f} s -> {out}")
 
 
 @app.command("generator-report")

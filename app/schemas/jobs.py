@@ -43,10 +43,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.db.orm import JobKind, JobStatus
 from app.schemas.common import WebhookUrl
+from models.generator_kinds import (
+    DEFAULT_AUTOENCODER_STEPS,
+    GENERATOR_KINDS,
+    TRAINABLE_RESOLUTIONS,
+    kind_for_resolution,
+)
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++")
@@ -139,18 +145,42 @@ class GenerationRequest(BaseModel):
 
 
 class GeneratorTrainingRequest(BaseModel):
-    """Train a class-conditional generator on one of the tenant's datasets."""
+    """Train a class-conditional generator on one of the tenant's datasets. ``resolution`` picks the kind
+    (``models.generator_kinds``): 32-128 px a pixel-space UNet, 224 or 256 px a latent generator (an
+    autoencoder trained first for ``autoencoder_steps``, then a UNet on its latents for ``steps``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1, max_length=200)
-    resolution: Literal[32, 64, 128] = 64
-    steps: int = Field(3000, ge=1, le=200_000, description="Optimiser steps (TrainingConfig.max_steps).")
+    resolution: int = Field(64, description="Image size in pixels; 224 and 256 train a latent generator.",
+                            json_schema_extra={"enum": list(TRAINABLE_RESOLUTIONS)})
+    steps: int = Field(3000, ge=1, le=200_000, description="Optimiser steps of the diffusion UNet.")
+    autoencoder_steps: int | None = Field(
+        None, ge=1, le=200_000,
+        description=f"Latent generators only: autoencoder steps (default {DEFAULT_AUTOENCODER_STEPS}).")
     batch_size: int = Field(32, ge=1, le=512)
     learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     webhook_url: WebhookUrl | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _trainable(cls, value: int) -> int:
+        kind_for_resolution(value)  # ValueError (422) names the trainable resolutions
+        return value
+
+    @model_validator(mode="after")
+    def _autoencoder_steps_for_latent(self) -> GeneratorTrainingRequest:
+        if self.autoencoder_steps is not None and kind_for_resolution(self.resolution) != "latent":
+            raise ValueError(f"autoencoder_steps applies to latent generators "
+                             f"({list(GENERATOR_KINDS['latent'])} px), not to {self.resolution} px")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The generator kind this resolution trains."""
+        return kind_for_resolution(self.resolution)
 
 
 class PretrainingRequest(BaseModel):
@@ -241,7 +271,9 @@ class GeneratorTrainingParams(BaseModel):
     manifest_key: str
     name: str = Field(description="Name of the generator the job creates.")
     labels: dict[str, int] = Field(description="Label name -> class id (sorted names, ids 0..k-1).")
-    resolution: Literal[32, 64, 128]
+    resolution: int
+    kind: str = Field("pixel", description="Generator kind (models.generator_kinds): pixel or latent.")
+    autoencoder_steps: int | None = Field(None, description="Latent generators: autoencoder steps.")
     steps: int
     batch_size: int
     learning_rate: float

@@ -27,6 +27,7 @@ class GeneratorOut(ModelAssetOut):
 
     labels: dict[str, int]
     resolution: int | None = None
+    kind: str = Field("pixel", description="pixel (a UNet on pixels) or latent (autoencoder + UNet on its latents).")
 
 
 class EncoderOut(ModelAssetOut):

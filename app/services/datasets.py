@@ -105,6 +105,12 @@ def _card(source: str, rows: Sequence[ManifestRow], extra: dict[str, object] | N
             "image_format": "8-bit grey PNG" if source == "upload" else "as stored", **(extra or {})}
 
 
+def image_sizes(images: Sequence[PreparedImage]) -> dict[str, int]:
+    """Images per ``"WxH"`` size, most common first: what generator training checks a dataset against."""
+    counts = Counter(f"{img.width}x{img.height}" for img in images if img.width and img.height)
+    return dict(counts.most_common())
+
+
 def create_uploaded_dataset(
     session: Session, store: ObjectStore, tenant_id: str, name: str, images: Sequence[PreparedImage]
 ) -> Dataset:
@@ -119,7 +125,8 @@ def create_uploaded_dataset(
     ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name, origin="real", status="ready", prefix=prefix,
                  num_images=len(rows), label_counts=dict(sorted(Counter(r.label for r in rows).items())),
                  manifest_key=tenant_key(tenant_id, "datasets", ds_id, "manifest.csv"),
-                 card=_card("upload", rows), total_bytes=sum(img.size for img in images))
+                 card=_card("upload", rows, {"image_sizes": image_sizes(images)}),
+                 total_bytes=sum(img.size for img in images))
     try:
         def put(img: PreparedImage) -> None:
             store.put_file(f"{prefix}/{img.label}/{img.name}", img.path, "image/png")

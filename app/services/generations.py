@@ -22,6 +22,7 @@ from app.schemas.jobs import (
 from app.services.datasets import get_dataset
 from app.services.jobs import submit_job
 from app.services.model_assets import default_generator, generator_labels, generator_resolution, get_generator
+from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, check_image_sizes
 
 UNLABELED = "unlabelled"  # the folder the worker writes unconditional images to
 
@@ -120,9 +121,20 @@ def plan_generator_training(
     if ds.num_images <= 0:
         raise InvalidInput(f"dataset {ds.id} has no images", slug="empty-dataset")
     labels = {name: i for i, name in enumerate(sorted(ds.label_counts or {}))}
+    kind = req.kind
+    if kind == "latent":
+        if ds.num_images < 2:
+            raise InvalidInput(f"dataset {ds.id} has {ds.num_images} image; a latent generator needs at least 2 "
+                               "(some patients are held out to measure its autoencoder)", slug="dataset-too-small")
+        try:  # datasets uploaded before image sizes were recorded are checked by the worker instead
+            check_image_sizes(req.resolution, dict((ds.card or {}).get("image_sizes") or {}))
+        except ValueError as exc:
+            raise InvalidInput(f"dataset {ds.id}: {exc}", slug="unsuitable-images") from exc
     return GeneratorTrainingParams(
         dataset_id=ds.id, dataset_prefix=ds.prefix, manifest_key=ds.manifest_key, name=req.name, labels=labels,
-        resolution=req.resolution, steps=req.steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
+        resolution=req.resolution, kind=kind,
+        autoencoder_steps=(req.autoencoder_steps or DEFAULT_AUTOENCODER_STEPS) if kind == "latent" else None,
+        steps=req.steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
         seed=req.seed if req.seed is not None else random_seed(),
     )
 

@@ -196,7 +196,8 @@ def generator_out(g: Generator) -> GeneratorOut:
     return GeneratorOut(id=g.id, name=g.name, status=g.status, builtin=g.tenant_id is None, config=g.config or {},
                         metrics=g.metrics or {}, card=g.card or "", source_job_id=g.source_job_id,
                         created_at=as_utc(g.created_at), labels=generator_labels(g.config or {}),
-                        resolution=generator_resolution(g.config or {}))
+                        resolution=generator_resolution(g.config or {}),
+                        kind=str((g.config or {}).get("kind") or "pixel"))
 
 
 def encoder_out(e: Encoder) -> EncoderOut:

@@ -179,6 +179,8 @@ class PreparedImage:
     sha256: str
     size: int
     source: str  # name in the upload, for messages
+    width: int = 0  # pixels of the stored PNG (0 when unknown)
+    height: int = 0
 
 
 def normalise_label(raw: str, where: str) -> str:
@@ -268,7 +270,7 @@ def _write_png(img: Image.Image, label: str, name: str, outdir: Path, source: st
     data = buf.getvalue()
     path = folder / name
     path.write_bytes(data)
-    return PreparedImage(label, name, path, hashlib.sha256(data).hexdigest(), len(data), source)
+    return PreparedImage(label, name, path, hashlib.sha256(data).hexdigest(), len(data), source, *img.size)
 
 
 def is_zip(path: Path) -> bool:

@@ -170,3 +170,14 @@ def write_image_folder(
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(img, dtype=np.uint8), mode="L").save(d / f"img{i:05d}-0001.png")
     return root
+
+
+def folder_image_sizes(root: str | Path) -> dict[str, int]:
+    """Images per ``"WxH"`` size in a data folder (headers only, nothing decoded), most common first."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for rec in list_image_folder(root):
+        with Image.open(rec.path) as im:
+            counts[f"{im.size[0]}x{im.size[1]}"] += 1
+    return dict(counts.most_common())

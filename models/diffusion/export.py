@@ -184,18 +184,36 @@ def export_generator(
     device: str,
     notes: str = "",
     sample_grid: bool = True,
+    vae: Any = None,
+    autoencoder_info: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete generator directory (built in a temp dir, then moved into place)."""
+    """Write a complete generator directory (built in a temp dir, then moved into place).
+
+    With ``vae`` (a latent generator) the weights go to the diffusers component folders ``unet/``,
+    ``vae/`` and ``scheduler/``; a pixel generator keeps them at the root, as every earlier release.
+    """
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
         dtype = torch.float16 if config.export_fp16 else torch.float32
         model = ema_unet(ema, unet, dtype=dtype)
-        model.save_pretrained(tmp, safe_serialization=True)
-        DDPMScheduler(**config.scheduler_kwargs()).save_pretrained(tmp)
-        save_training_index(data.images, data.labels, config.resolution, tmp / TRAINING_INDEX)
+        if vae is not None:
+            from models.diffusion.autoencoder import AutoencoderConfig, save_vae
+
+            ae_config = AutoencoderConfig.from_dict(dict((autoencoder_info or {})["config"]))
+            model.save_pretrained(tmp / "unet", safe_serialization=True)
+            DDPMScheduler(**config.scheduler_kwargs()).save_pretrained(tmp / "scheduler")
+            save_vae(vae, tmp / "vae", ae_config.replace(export_fp16=config.export_fp16),
+                     {k: v for k, v in (autoencoder_info or {}).items() if k != "config"})
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            DDPMScheduler(**config.scheduler_kwargs()).save_pretrained(tmp)
+        resolution = int(data.images.shape[1])
+        save_training_index(data.images, data.labels, resolution, tmp / TRAINING_INDEX)
         write_privacy_index(tmp, data)
         meta = _metadata(config, data, steps=steps, wall_seconds=wall_seconds, device=device,
                          dtype=str(dtype).removeprefix("torch."))
+        if vae is not None:
+            meta.update(_latent_metadata(vae, resolution, autoencoder_info or {}))
         (tmp / CXRSYNTH_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         if sample_grid:
             _export_sample_grid(tmp)
@@ -209,6 +227,7 @@ def _metadata(
     labels = {name: i for i, name in enumerate(data.label_names)}
     return {
         "format": FORMAT,
+        "kind": "pixel",
         "resolution": config.resolution,
         "channels": 1,
         "labels": labels,
@@ -236,6 +255,26 @@ def _metadata(
     }
 
 
+def _latent_metadata(vae: Any, resolution: int, info: Mapping[str, Any]) -> dict[str, Any]:
+    """``cxrsynth.json`` keys of a latent generator: image size, latent grid, autoencoder record."""
+    cfg = vae.config
+    return {
+        "kind": "latent",
+        "resolution": resolution,
+        "latent": {
+            "resolution": resolution // 2 ** (len(cfg["block_out_channels"]) - 1),
+            "channels": int(cfg["latent_channels"]),
+            "scaling_factor": float(cfg["scaling_factor"]),
+            "shift_factor": float(cfg.get("shift_factor") or 0.0),
+        },
+        "components": {"unet": "unet", "vae": "vae", "scheduler": "scheduler"},
+        "autoencoder": {k: v for k, v in info.items()},
+        "normalisation": "image x = uint8 / 127.5 - 1; latent = (vae.encode(x).mode() - shift_factor) * "
+                         "scaling_factor; output = round((vae.decode(latent / scaling_factor + shift_factor) + 1) "
+                         "* 127.5)",
+    }
+
+
 def _export_sample_grid(generator_dir: Path) -> None:
     from models.diffusion.pipeline import CXRDiffusionPipeline
 
@@ -260,6 +299,48 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int = 8, pad: int = 2
     return Path(path)
 
 
+def _model_section(meta: Mapping[str, Any], cfg: Mapping[str, Any], labels: str) -> str:
+    """How to load the generator and what its networks are, per kind (pixel or latent)."""
+    unet = (f"`UNet2DModel`, block_out_channels {tuple(cfg['block_out_channels'])}, {cfg['layers_per_block']} "
+            f"layer(s) per block, self-attention at the {cfg['attention_levels']} lowest resolution(s); EMA weights "
+            f"({meta['weights_dtype']}).")
+    common = f"""- Class labels: {labels}; null class id {meta['null_class_id']} (classifier-free guidance, trained by
+  label dropout p={cfg['label_dropout']}).
+- Objective: {meta['prediction_type']}, beta schedule `{meta['beta_schedule']}`, {meta['num_train_timesteps']}
+  train steps. Normalisation: {meta['normalisation']}. Aspect ratio: `{meta['aspect_mode']}`.
+"""
+    if meta.get("kind") != "latent":
+        return f"""diffusers format: `UNet2DModel.from_pretrained(dir)` and `DDPMScheduler.from_pretrained(dir)` load
+it; `models.diffusion.CXRDiffusionPipeline.from_pretrained(dir)` adds labels, seeds per image and samplers.
+
+## Model
+- {unet.replace("`UNet2DModel`, ", "`UNet2DModel`, 1 channel, ")}
+{common}"""
+    lat, ae = meta["latent"], meta.get("autoencoder", {})
+    grid = f"{lat['channels']}x{lat['resolution']}x{lat['resolution']}"
+    acfg = ae.get("config", {})
+    held = ae.get("heldout") or {}
+    rec = ""
+    if held:
+        a, b = held["autoencoder"], held.get("bicubic", {})
+        rec = (f"\n- Reconstruction of {a['images']} held-out real images (whole patients kept out of training) at "
+               f"{held['resolution']} px: PSNR {a['psnr_db']:.2f} dB, SSIM {a['ssim']:.3f}; a bicubic round trip "
+               f"through {b.get('via_px')} px gets {b.get('psnr_db', float('nan')):.2f} dB, "
+               f"SSIM {b.get('ssim', float('nan')):.3f}.")
+    return f"""Latent diffusion, diffusers components: `UNet2DModel.from_pretrained(dir, subfolder="unet")`,
+`AutoencoderKL.from_pretrained(dir, subfolder="vae")`, `DDPMScheduler.from_pretrained(dir, subfolder="scheduler")`;
+`models.diffusion.CXRDiffusionPipeline.from_pretrained(dir)` adds labels, seeds per image, samplers and decoding.
+
+## Model
+- Autoencoder: `AutoencoderKL`, 1 channel, block_out_channels {tuple(acfg.get('block_out_channels', ()))}, factor
+  {meta['resolution'] // lat['resolution']}, {lat['channels']} latent channels, latent shift {lat['shift_factor']:.4f}
+  and scale {lat['scaling_factor']:.4f} (from the training images); trained {ae.get('steps', 0):,} steps on
+  {acfg.get('crop_size')} px crops with L1 + {acfg.get('ssim_weight')} x (1 - SSIM) + {acfg.get('kl_weight')} x KL,
+  {ae.get('wall_seconds', 0):,.0f} s on {ae.get('device', '?')}.{rec}
+- Denoiser: {unet.replace("`UNet2DModel`, ", f"`UNet2DModel` on {grid} latents, ")}
+{common}"""
+
+
 def model_card(meta: Mapping[str, Any], notes: str = "", has_grid: bool = False) -> str:
     """Markdown model card from ``cxrsynth.json`` metadata."""
     cfg = meta["training"]["config"]
@@ -273,18 +354,7 @@ def model_card(meta: Mapping[str, Any], notes: str = "", has_grid: bool = False)
     return f"""# cxrsynth generator: {meta['training_data']['source']} at {meta['resolution']} px
 
 Diffusion model that generates synthetic grey-scale chest X-rays ({meta['resolution']}x{meta['resolution']}).
-diffusers format: `UNet2DModel.from_pretrained(dir)` and `DDPMScheduler.from_pretrained(dir)` load it;
-`models.diffusion.CXRDiffusionPipeline.from_pretrained(dir)` adds labels, seeds per image and samplers.
-
-## Model
-- `UNet2DModel`, 1 channel, block_out_channels {tuple(cfg['block_out_channels'])}, {cfg['layers_per_block']} layer(s)
-  per block, self-attention at the {cfg['attention_levels']} lowest resolution(s); EMA weights
-  ({meta['weights_dtype']}).
-- Class labels: {labels}; null class id {meta['null_class_id']} (classifier-free guidance, trained by
-  label dropout p={cfg['label_dropout']}).
-- Objective: {meta['prediction_type']}, beta schedule `{meta['beta_schedule']}`, {meta['num_train_timesteps']}
-  train steps. Normalisation: {meta['normalisation']}. Aspect ratio: `{meta['aspect_mode']}`.
-
+{_model_section(meta, cfg, labels)}
 ## Training
 - Data: `{meta['training_data']['source']}`, {meta['training_data']['num_images']:,} images ({counts}).
   No horizontal flips (anatomy is not mirror-symmetric).

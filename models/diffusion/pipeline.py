@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 # Concrete module imports (not the lazy top-level ``diffusers``) so mypy sees the real classes.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -152,7 +153,11 @@ class GenerationOutput:
 
 
 class CXRDiffusionPipeline:
-    """Class-conditional (or unconditional) grey chest X-ray sampler around a diffusers UNet."""
+    """Class-conditional (or unconditional) grey chest X-ray sampler around a diffusers UNet.
+
+    With a ``vae`` (an ``AutoencoderKL``) the UNet denoises latents and the images are decoded at the
+    end (a latent generator, :mod:`models.diffusion.latent`); ``resolution`` is always the image's.
+    """
 
     def __init__(
         self,
@@ -162,6 +167,7 @@ class CXRDiffusionPipeline:
         generator_id: str = "",
         device: torch.device | str = "cpu",
         micro_batch: int | None = None,
+        vae: AutoencoderKL | None = None,
     ) -> None:
         self.device = torch.device(device)
         # cast: diffusers wraps ModelMixin.to with functools.wraps, which mypy mistypes.
@@ -169,7 +175,21 @@ class CXRDiffusionPipeline:
         self.scheduler = scheduler
         self.label_names = tuple(label_names)
         self.generator_id = generator_id
-        self.resolution = int(unet.config["sample_size"])
+        self.sample_size = int(unet.config["sample_size"])
+        self.sample_channels = int(unet.config["in_channels"])
+        self.vae: AutoencoderKL | None = None
+        self.kind = "pixel"
+        self.resolution = self.sample_size
+        if vae is not None:
+            if int(vae.config["latent_channels"]) != self.sample_channels:
+                raise ValueError(f"the UNet denoises {self.sample_channels} channels; the autoencoder's latents have "
+                                 f"{vae.config['latent_channels']}")
+            if vae.config.get("scaling_factor") is None:
+                raise ValueError("the autoencoder has no latent scaling_factor")
+            self.vae = cast(Any, vae).to(self.device).eval()
+            self.vae = cast(Any, self.vae).to(memory_format=torch.channels_last)
+            self.kind = "latent"
+            self.resolution = self.sample_size * 2 ** (len(vae.config["block_out_channels"]) - 1)
         n_emb = unet.config["num_class_embeds"]
         self.conditional = n_emb is not None
         self.null_class_id: int | None = len(self.label_names) if self.conditional else None
@@ -195,18 +215,24 @@ class CXRDiffusionPipeline:
         a 16-image request, since the first call pays the compile time.
         """
         from models.diffusion.export import read_generator_metadata
+        from models.generator_kinds import generator_kind
 
         path = Path(generator_dir)
         meta = read_generator_metadata(path)
-        unet = UNet2DModel.from_pretrained(path, torch_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(path)
-        if int(meta["resolution"]) != int(unet.config["sample_size"]):
-            raise ValueError(
-                f"{path}: cxrsynth.json says {meta['resolution']} px but the UNet is {unet.config['sample_size']} px"
-            )
+        vae: AutoencoderKL | None = None
+        if generator_kind(meta, path) == "latent":  # diffusers component folders unet/, vae/, scheduler/
+            unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        else:
+            unet = UNet2DModel.from_pretrained(path, torch_dtype=torch.float32)
+            scheduler = DDPMScheduler.from_pretrained(path)
         names = [name for name, _ in sorted(meta.get("labels", {}).items(), key=lambda kv: kv[1])]
         pipe = cls(unet, scheduler, names, generator_id=meta.get("generator_id") or path.name,
-                   device=pick_device(device), micro_batch=micro_batch)
+                   device=pick_device(device), micro_batch=micro_batch, vae=vae)
+        if int(meta["resolution"]) != pipe.resolution:
+            raise ValueError(f"{path}: cxrsynth.json says {meta['resolution']} px but the model makes "
+                             f"{pipe.resolution} px")
         if compile:
             pipe.compile_unet()
         return pipe
@@ -251,8 +277,10 @@ class CXRDiffusionPipeline:
         """
         k = self.micro_batch
         cfg = self.unet.config
-        per_image_state = 8 * 4 * self.resolution**2
-        activations = 2 * k * 4 * self.resolution**2 * max(cfg["block_out_channels"]) * 16
+        per_image_state = 8 * 4 * self.sample_channels * self.sample_size**2 + 4 * self.resolution**2
+        activations = 2 * k * 4 * self.sample_size**2 * max(cfg["block_out_channels"]) * 16
+        if self.vae is not None:
+            activations = max(activations, k * 4 * self.resolution**2 * max(self.vae.config["block_out_channels"]) * 4)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = 0.5 * free - activations
@@ -335,7 +363,8 @@ class CXRDiffusionPipeline:
             {"index": indices[j], "seed": seed, "image_seed": image_seed(seed, indices[j]),
              "label": self._label_name(class_ids[j]), "class_id": class_ids[j], "sampler": sampler,
              "steps": steps, "guidance": guidance_scale if self._guided(guidance_scale) else 1.0,
-             "generator_id": self.generator_id, "resolution": self.resolution, "compiled": self.compiled}
+             "generator_id": self.generator_id, "resolution": self.resolution, "kind": self.kind,
+             "compiled": self.compiled}
             for j in range(n)
         ]
         return GenerationOutput(self._to_output(x, output_type), meta)
@@ -362,7 +391,7 @@ class CXRDiffusionPipeline:
         dev = self.device
         # One CPU generator per image: the noise is the same on every device and batch layout.
         gens = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in indices]
-        shape = (1, 1, self.resolution, self.resolution)
+        shape = (1, self.sample_channels, self.sample_size, self.sample_size)
         x = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(dev)
         sched = make_scheduler(self.scheduler.config, sampler)  # fresh: multistep solvers keep state
         sched.set_timesteps(steps, device=dev)
@@ -382,7 +411,26 @@ class CXRDiffusionPipeline:
             out = self._model_output(model_in, t, cond, guidance_scale if guided else None)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
             progress(k + 1)
+        if self.vae is not None:
+            x = self._decode(x)
         return x.float().cpu()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents, decoded in fixed ``micro_batch`` shapes (see _model_output)."""
+        assert self.vae is not None
+        cfg = self.vae.config
+        z = latents / float(cfg["scaling_factor"]) + float(cfg.get("shift_factor") or 0.0)
+        k = self.micro_batch
+        outs: list[torch.Tensor] = []
+        for s in range(0, z.shape[0], k):
+            zs = z[s : s + k]
+            n = zs.shape[0]
+            if n < k:
+                zs = torch.cat([zs, zs[-1:].expand(k - n, *zs.shape[1:])])
+            zs = zs.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.device):
+                outs.append(self.vae.decode(zs).sample.float()[:n])
+        return torch.cat(outs)
 
     def _model_output(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance_scale: float | None

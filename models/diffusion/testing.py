@@ -95,3 +95,33 @@ def train_tiny_generator_with_result(
     result = train_generator(data, out_dir, config, sample_grid=sample_grid)
     assert result.out_dir is not None
     return result.out_dir, result
+
+
+def tiny_latent_training_data(data_npz: str | Path | None = None, num_images: int = 64,
+                              resolution: int = 64) -> TrainingData:
+    """:func:`tiny_training_data` upscaled (bicubic) to ``resolution`` px, for tiny latent generators.
+
+    Patient ids are one per image, so the autoencoder's held-out split has whole "patients".
+    """
+    from PIL import Image
+
+    from models.data.folders import resize_grey
+
+    td = tiny_training_data(data_npz, num_images)
+    images = np.stack([np.asarray(resize_grey(Image.fromarray(im, mode="L"), resolution)) for im in td.images])
+    return TrainingData(images, td.labels, td.label_names, td.source, tuple(f"p{i}" for i in range(len(images))))
+
+
+def train_tiny_latent_generator(
+    out_dir: str | Path, data_npz: str | Path | None = None, ae_steps: int = 6, unet_steps: int = 8,
+    num_images: int = 64, seed: int = 0,
+) -> tuple[Path, TrainingResult]:
+    """Train and export a tiny 64 px latent generator (autoencoder + UNet on 16 px latents) in seconds."""
+    from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
+
+    data = tiny_latent_training_data(data_npz, num_images)
+    config = LatentGeneratorConfig.tiny(autoencoder={"max_steps": ae_steps, "seed": seed},
+                                        max_steps=unet_steps, seed=seed)
+    result = train_latent_generator(data, out_dir, config, sample_grid=False, device="cpu")
+    assert result.out_dir is not None
+    return result.out_dir, result

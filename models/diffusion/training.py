@@ -223,7 +223,9 @@ def _warm_start(unet: UNet2DModel, generator_dir: str | Path, label_names: Seque
     if meta.get("conditional") and list(meta.get("labels", {})) != list(label_names):
         raise ValueError(f"warm start: generator labels {list(meta['labels'])} differ from data labels "
                          f"{list(label_names)}")
-    src = UNet2DModel.from_pretrained(str(generator_dir))
+    # A latent generator keeps its UNet in the diffusers component folder ``unet/``.
+    sub = "unet" if (Path(generator_dir) / "unet").is_dir() else None
+    src = UNet2DModel.from_pretrained(str(generator_dir), subfolder=sub)
     state = {k: v.float() for k, v in src.state_dict().items()}
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -259,6 +261,9 @@ def train_generator(
     preview_every: int = 0,
     sample_grid: bool = True,
     init_from: str | Path | None = None,
+    latents: torch.Tensor | None = None,
+    vae: Any = None,
+    autoencoder_info: dict[str, Any] | None = None,
 ) -> TrainingResult:
     """Train a generator and export it to ``out_dir`` in diffusers format (EMA weights).
 
@@ -269,8 +274,26 @@ def train_generator(
     run). ``on_step`` may raise :class:`Canceled`: the state is checkpointed, then it propagates.
     ``out_dir=None`` skips the export (used to test resuming); ``sample_grid`` adds ``samples.png``
     to the export; ``preview_every`` > 0 writes a sample grid PNG to ``preview_dir`` that often.
+    ``latents`` ((N, C, r, r), shifted and scaled to unit variance) with their ``vae`` (an
+    ``AutoencoderKL``) make this the second stage of a latent generator (:mod:`models.diffusion.latent`):
+    the UNet learns the latents instead of the pixels of ``data``, which stay at full size for the
+    export's privacy index; the export and previews decode with ``vae`` and record ``autoencoder_info``.
     """
-    td = _as_training_data(data, labels, label_names, config)
+    if latents is not None:
+        if vae is None:
+            raise ValueError("latents need their vae (the export and previews decode with it)")
+        if not isinstance(data, TrainingData):
+            raise ValueError("a latent run needs its TrainingData")
+        if tuple(latents.shape[1:]) != (config.in_channels, config.resolution, config.resolution):
+            raise ValueError(f"latents are {tuple(latents.shape[1:])}; the config wants "
+                             f"({config.in_channels}, {config.resolution}, {config.resolution})")
+        if len(latents) != len(data.images):
+            raise ValueError(f"{len(latents)} latents for {len(data.images)} images")
+        td = data
+    else:
+        if config.in_channels != 1:
+            raise ValueError(f"in_channels={config.in_channels} trains on latents: pass latents=")
+        td = _as_training_data(data, labels, label_names, config)
     dev = pick_device(device)
     num_labels = len(td.label_names) if td.conditional else 0
     null_class = num_labels
@@ -325,7 +348,7 @@ def train_generator(
         losses = list(state.get("losses", []))
 
     alphas = noise_scheduler.alphas_cumprod.to(dev)
-    images_u8 = torch.from_numpy(td.images)
+    images_u8 = torch.from_numpy(td.images) if latents is None else None
     labels_t = torch.from_numpy(td.labels) if td.labels is not None else None
 
     def checkpoint() -> None:
@@ -357,7 +380,11 @@ def train_generator(
     try:
         while step < total:
             idx = order.next_batch(config.batch_size)
-            x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
+            if images_u8 is not None:
+                x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
+            else:
+                assert latents is not None
+                x0 = latents[torch.from_numpy(idx)].to(torch.float32)
             if config.horizontal_flip:  # off by default, see TrainingConfig.horizontal_flip
                 flip = torch.rand(len(idx), generator=noise_gen) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
@@ -392,7 +419,7 @@ def train_generator(
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
                 checkpoint()
             if preview_dir is not None and preview_every and step % preview_every == 0:
-                _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{step:06d}.png", dev)
+                _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{step:06d}.png", dev, vae)
             on_step(step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
     except Canceled:
         checkpoint()
@@ -404,7 +431,7 @@ def train_generator(
 
         result.out_dir = export_generator(
             out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev),
-            sample_grid=sample_grid,
+            sample_grid=sample_grid, vae=vae, autoencoder_info=autoencoder_info,
         )
     return result
 
@@ -449,14 +476,15 @@ def _device_words(dev: torch.device) -> str:
 @torch.inference_mode()
 def _write_preview(
     ema: EMAModel, unet: UNet2DModel, config: TrainingConfig, td: TrainingData, path: Path,
-    dev: torch.device,
+    dev: torch.device, vae: Any = None,
 ) -> None:
     """Save a PNG grid sampled from the EMA weights (DPM-Solver++ 20 steps, guidance 2)."""
     from models.diffusion.export import ema_unet
     from models.diffusion.pipeline import CXRDiffusionPipeline
 
     model = cast(Any, ema_unet(ema, unet, dtype=torch.float32)).to(dev)
-    pipe = CXRDiffusionPipeline(model, build_noise_scheduler(config), td.label_names, generator_id="preview")
+    pipe = CXRDiffusionPipeline(model, build_noise_scheduler(config), td.label_names, generator_id="preview",
+                                device=dev, vae=vae)
     n_per = 8
     if td.conditional:
         labs: list[str | int] = [n for n in td.label_names for _ in range(n_per)]

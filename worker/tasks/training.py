@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
     """Run (or resume) one generator-training job end to end."""
     from models.checkpoints import CHECKPOINT_NAME
+    from models.data.folders import folder_image_sizes
     from models.diffusion.config import TrainingConfig
+    from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
     from models.diffusion.training import train_generator
+    from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, check_image_sizes
 
     with ctx.sessions.begin() as s:
         job = begin_job(s, ctx.settings, job_id)
@@ -57,24 +60,33 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             job.result = {**result, "generator_id": gen.id}
         mark_running(s, job)
         gen_id, tenant_id, dataset_prefix = gen.id, job.tenant_id, dataset.prefix
-    base = TrainingConfig()
-    overrides = {"resolution": int(params.get("resolution", base.resolution)),
-                 "max_steps": int(params.get("steps", base.max_steps))}
+    resolution = int(params.get("resolution", 64))
+    overrides = {"max_steps": int(params.get("steps", 3000))}
     for key in ("batch_size", "learning_rate", "seed"):
         if params.get(key) is not None:
             overrides[key] = params[key]
     ckpt = ctx.settings.data_dir / "checkpoints" / job_id
     work = Path(tempfile.mkdtemp(prefix=f"cxrsynth-train-{job_id[:8]}-"))
     try:
-        config = base.replace(**overrides)
         if download_prefix(ctx.store, dataset_prefix, work / "data") == 0:
             raise ValueError(f"dataset {params.get('dataset_id')} has no images in the store")
-        resume = (ckpt / CHECKPOINT_NAME).is_file()
+        resume = any(ckpt.rglob(CHECKPOINT_NAME)) if ckpt.is_dir() else False
         if resume:
             with ctx.sessions.begin() as s:
                 record_event(s, job_id, "resuming from the last checkpoint")
-        run = train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
-                              on_step=make_progress_callback(ctx, job_id), device=ctx.settings.device)
+        progress = make_progress_callback(ctx, job_id)
+        if params.get("kind", "pixel") == "latent":
+            check_image_sizes(resolution, folder_image_sizes(work / "data"))
+            config = LatentGeneratorConfig.for_resolution(
+                resolution, autoencoder={"max_steps": int(params.get("autoencoder_steps") or DEFAULT_AUTOENCODER_STEPS),
+                                         **({"seed": params["seed"]} if params.get("seed") is not None else {})},
+                **overrides)
+            run = train_latent_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
+                                         on_step=progress, device=ctx.settings.device)
+        else:
+            pixel = TrainingConfig().replace(resolution=resolution, **overrides)
+            run = train_generator(work / "data", work / "out", pixel, checkpoint_dir=ckpt, resume=resume,
+                                  on_step=progress, device=ctx.settings.device)
         out = work / "out"
         prefix = tenant_key(tenant_id, "generators", gen_id)
         upload_folder(ctx.store, out, prefix)
