@@ -30,8 +30,16 @@ def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return p[pad - dy : pad - dy + h, pad - dx : pad - dx + w].copy()
 
 
-def random_shift(image: np.ndarray, rng: np.random.Generator, lo: int = 2, hi: int = 4) -> np.ndarray:
-    """Shift by ``lo``..``hi`` pixels along the larger axis (and up to that along the other)."""
+def random_shift(image: np.ndarray, rng: np.random.Generator, lo: int | None = None, hi: int | None = None
+                 ) -> np.ndarray:
+    """Shift by ``lo``..``hi`` pixels along the larger axis (and up to that along the other).
+
+    The default is 2-4 px per 64 px of image side (7-14 px at 224 px): the same share of the anatomy at
+    every resolution, as the gate's shift search scales too.
+    """
+    side = max(image.shape)
+    lo = lo if lo is not None else max(1, round(2 * side / 64))
+    hi = hi if hi is not None else max(lo, round(4 * side / 64))
     big = int(rng.integers(lo, hi + 1)) * int(rng.choice([-1, 1]))
     small = int(rng.integers(-abs(big), abs(big) + 1))
     dy, dx = (big, small) if rng.random() < 0.5 else (small, big)

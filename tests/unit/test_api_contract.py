@@ -83,8 +83,20 @@ def test_generation_request_accepts() -> None:
                                             "webhook_url": "https://h.example/x"})
     assert req.webhook_url == "https://h.example/x" and req.sampler == "dpmsolver++"
     assert GeneratorTrainingRequest.model_validate({"dataset_id": "d", "name": "g"}).resolution == 64
-    with pytest.raises(ValidationError):
-        GeneratorTrainingRequest.model_validate({"dataset_id": "d", "name": "g", "resolution": 256})
+    latent = GeneratorTrainingRequest.model_validate({"dataset_id": "d", "name": "g", "resolution": 256})
+    assert latent.kind == "latent" and latent.autoencoder_steps is None
+    for bad in ({"resolution": 100}, {"resolution": 64, "autoencoder_steps": 10}, {"resolution": 224,
+                                                                                 "autoencoder_steps": 0}):
+        with pytest.raises(ValidationError):
+            GeneratorTrainingRequest.model_validate({"dataset_id": "d", "name": "g", **bad})
+
+
+def test_openapi_resolution_enum_is_the_generator_kind_registry() -> None:
+    from app.main import create_app
+    from models.generator_kinds import TRAINABLE_RESOLUTIONS
+
+    schema = create_app().openapi()["components"]["schemas"]["GeneratorTrainingRequest"]
+    assert schema["properties"]["resolution"]["enum"] == list(TRAINABLE_RESOLUTIONS)
 
 
 def test_request_hash_is_canonical() -> None:
