@@ -46,8 +46,8 @@ def generator_kind(meta: dict[str, Any] | None = None, generator_dir: str | Path
     return kind
 
 
-#: autoencoder steps of a latent generator when a request does not say (about 1 h on the 2-core CPU)
-DEFAULT_AUTOENCODER_STEPS = 4000
+#: autoencoder steps of a latent generator when a request does not say (about 1 h on one CPU core)
+DEFAULT_AUTOENCODER_STEPS = 4500
 
 
 def parse_size(size: str) -> tuple[int, int]:

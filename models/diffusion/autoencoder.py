@@ -68,7 +68,7 @@ class AutoencoderConfig:
     crop_size: int = 64
     batch_size: int = 16
     max_steps: int = 6000
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     adam_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -575,8 +575,8 @@ def finetune_decoder(
                 raise FloatingPointError(f"decoder loss is {losses[-1]} at step {step}")
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == config.decoder_steps):
                 checkpoint()
-            on_step(step, config.decoder_steps, f"l1 {float(l1):.4f} ssim {float(ssim):.3f} "
-                                                f"adv {float(g_adv):.3f} disc {float(loss_d):.3f}")
+            on_step(step, config.decoder_steps, f"l1 {float(l1.detach()):.4f} ssim {float(ssim.detach()):.3f} "
+                                                f"adv {float(g_adv.detach()):.3f} disc {float(loss_d.detach()):.3f}")
     except Canceled:
         checkpoint()
         raise

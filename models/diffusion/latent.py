@@ -37,10 +37,15 @@ from models.device import pick_device
 from models.diffusion.autoencoder import (
     AUTOENCODER_JSON,
     AutoencoderConfig,
+    AutoencoderResult,
     encode_latents,
+    finetune_decoder,
+    holdout_split,
     load_vae,
     save_vae,
+    set_latent_statistics,
     train_autoencoder,
+    vae_from_checkpoint,
 )
 from models.diffusion.config import TrainingConfig
 from models.diffusion.training import TrainingData, TrainingResult, load_training_data, train_generator
@@ -132,12 +137,28 @@ def _autoencoder_stage(
     done = ckpt / "vae" if ckpt is not None else None
     if resume and done is not None and (done / AUTOENCODER_JSON).is_file():
         return load_vae(done), json.loads((done / AUTOENCODER_JSON).read_text())
+    ae = config.autoencoder
     ae_ckpt = ckpt / "autoencoder" if ckpt is not None else None
-    resume_ae = resume and ae_ckpt is not None and (ae_ckpt / CHECKPOINT_NAME).is_file()
-    result = train_autoencoder(td.images, config.autoencoder, ae_ckpt, resume_ae, on_step,
+    dec_ckpt = ckpt / "decoder" if ckpt is not None else None
+    resume_dec = resume and dec_ckpt is not None and (dec_ckpt / CHECKPOINT_NAME).is_file()
+    if resume_dec:  # the main phase finished: its weights are in the decoder checkpoint (encoder frozen there)
+        assert ae_ckpt is not None
+        vae, _, state = vae_from_checkpoint(ae_ckpt)
+        result = AutoencoderResult(vae, int(state["step"]), float(state["wall_seconds"]), device)
+        train_idx, _ = holdout_split(len(td.images), td.patient_ids, ae.holdout_fraction, ae.seed)
+        set_latent_statistics(result.vae, td.images[train_idx][: ae.scale_images], device=device)
+    else:
+        resume_ae = resume and ae_ckpt is not None and (ae_ckpt / CHECKPOINT_NAME).is_file()
+        result = train_autoencoder(td.images, ae, ae_ckpt, resume_ae, on_step, patient_ids=td.patient_ids,
+                                   device=device, evaluate=ae.decoder_steps == 0)
+    info: dict[str, Any] = {"steps": result.steps, "wall_seconds": round(result.wall_seconds, 1),
+                            "device": result.device, "heldout": result.metrics, "source": td.source}
+    if ae.decoder_steps:
+        dec = finetune_decoder(result.vae, td.images, ae, dec_ckpt, resume_dec,
+                               _stage_offset(on_step, ae.max_steps, ae.max_steps + ae.decoder_steps, "decoder"),
                                patient_ids=td.patient_ids, device=device)
-    info = {"steps": result.steps, "wall_seconds": round(result.wall_seconds, 1), "device": result.device,
-            "heldout": result.metrics, "source": td.source}
+        result.vae = dec.vae
+        info.update(decoder_steps=dec.steps, decoder_wall_seconds=round(dec.wall_seconds, 1), heldout=dec.metrics)
     if done is not None:
         with atomic_directory(done) as tmp:
             save_vae(result.vae, tmp, config.autoencoder.replace(export_fp16=False), info)
@@ -174,7 +195,7 @@ def train_latent_generator(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     dev = pick_device(device)
     reuse = init_from is not None and (Path(init_from) / "vae").is_dir()
-    ae_steps = 0 if reuse else config.autoencoder.max_steps
+    ae_steps = 0 if reuse else config.autoencoder.max_steps + config.autoencoder.decoder_steps
     total = ae_steps + config.unet.max_steps
     if reuse:
         assert init_from is not None
@@ -196,3 +217,75 @@ def train_latent_generator(
         device=str(dev), init_from=init_from if not resume_unet else None, sample_grid=sample_grid,
         preview_dir=preview_dir, preview_every=preview_every, latents=latents, vae=vae, autoencoder_info=info,
     )
+
+
+def replace_decoder(generator_dir: str | Path, vae_dir: str | Path, notes: str = "") -> Path:
+    """Swap a latent generator's autoencoder for one with the same encoder and a fine-tuned decoder.
+
+    What Stable Diffusion did with its ft-MSE / ft-EMA decoders: the encoder (hence the latents, their
+    statistics and the UNet trained on them) is unchanged, only the decoding improves. Refuses an
+    autoencoder whose encoder or latent statistics differ. Updates ``cxrsynth.json`` and the card.
+    """
+    from models.diffusion.export import read_generator_metadata, write_model_card
+
+    gen, new_dir = Path(generator_dir), Path(vae_dir)
+    old, new = load_vae(gen / "vae"), load_vae(new_dir)
+    a, b = old.state_dict(), new.state_dict()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    if set(a) != set(b) or any(not torch.equal(a[k], b[k]) for k in frozen):
+        raise ValueError(f"{new_dir} has another encoder than {gen}: its latents would mean something else")
+    for key in ("scaling_factor", "shift_factor"):
+        if float(old.config[key] or 0.0) != float(new.config[key] or 0.0):
+            raise ValueError(f"{new_dir} has another latent {key} than {gen}")
+    info = json.loads((new_dir / AUTOENCODER_JSON).read_text())
+    meta = read_generator_metadata(gen)
+    with atomic_directory(gen / "vae") as tmp:
+        for f in new_dir.iterdir():
+            (tmp / f.name).write_bytes(f.read_bytes())
+    meta["autoencoder"].update({k: v for k, v in info.items() if k != "config"})
+    (gen / "cxrsynth.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_card(gen, notes)
+    return gen
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m models.diffusion.latent --data DIR --out DIR [--resume]`` (logs to stdout)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--data", required=True, help="ImageFolder (class-conditional) or folder of images")
+    ap.add_argument("--out", required=True, help="generator directory to export to")
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--config", default=None, help='JSON {"autoencoder": {...}, "unet": {...}} of overrides')
+    ap.add_argument("--init-from", default=None, help="latent generator to reuse the autoencoder of and warm-start")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--log-every", type=int, default=50)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    over: dict[str, Any] = {}
+    if args.config:
+        over = json.loads(Path(args.config).read_text() if Path(args.config).is_file() else args.config)
+    config = LatentGeneratorConfig.for_resolution(args.resolution, autoencoder=over.get("autoencoder"),
+                                                  **over.get("unet", {}))
+    last = [time.perf_counter(), 0]
+
+    def log(step: int, total: int, message: str) -> None:
+        if step % args.log_every == 0 or step == total or "encoding" in message:
+            now = time.perf_counter()
+            rate = (now - last[0]) / max(1, step - last[1])
+            last[0], last[1] = now, step
+            print(f"{time.strftime('%H:%M:%S')} step {step}/{total} {message} {rate:.2f} s/step "
+                  f"eta {rate * (total - step) / 60:.1f} min", flush=True)
+
+    result = train_latent_generator(args.data, args.out, config, args.checkpoint_dir, args.resume, log,
+                                    device=args.device, init_from=args.init_from)
+    print(f"done: {result.steps} UNet steps, final loss {result.final_loss:.4f}, {result.wall_seconds:.0f} s, "
+          f"exported to {result.out_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -237,3 +237,65 @@ def test_latent_training_refuses_data_of_the_wrong_size(tmp_path: Path) -> None:
     td = tiny_latent_training_data(num_images=8, resolution=32)
     with pytest.raises(ValueError, match="makes 64 px"):
         train_latent_generator(td, tmp_path / "x", LatentGeneratorConfig.tiny(), device="cpu")
+
+
+def test_decoder_phase_keeps_the_latents_and_resumes_exactly(tmp_path: Path) -> None:
+    td = tiny_latent_training_data(num_images=16)
+    cfg = LatentGeneratorConfig.tiny(autoencoder={"max_steps": 3, "decoder_steps": 4, "checkpoint_every": 2},
+                                     max_steps=2)
+    seen: list[tuple[int, int, str]] = []
+    train_latent_generator(td, tmp_path / "full", cfg, tmp_path / "ck", device="cpu", sample_grid=False,
+                           on_step=lambda s, t, m: seen.append((s, t, m)))
+    assert [s for s, _, m in seen if "decoder:" in m] == [4, 5, 6, 7] and seen[-1][:2] == (9, 9)
+    meta = read_generator_metadata(tmp_path / "full")
+    assert meta["autoencoder"]["decoder_steps"] == 4 and meta["autoencoder"]["heldout"]["autoencoder"]["images"]
+    # The encoder is frozen in the decoder phase: the same latents as after the main phase.
+    main_vae = load_vae(tmp_path / "ck" / "vae")
+    ae_only = AutoencoderConfig.tiny(max_steps=3)
+    plain = train_autoencoder(td.images, ae_only, patient_ids=td.patient_ids, device="cpu", evaluate=False).vae
+    enc = {k: v for k, v in main_vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    ref = plain.state_dict()
+    assert enc and all(torch.equal(v, ref[k]) for k, v in enc.items())
+    assert any(not torch.equal(v, ref[k]) for k, v in main_vae.state_dict().items() if k.startswith("decoder."))
+
+    def cancel(step: int, total: int, message: str) -> None:
+        if step == 5 and "decoder:" in message:
+            raise Canceled
+
+    with pytest.raises(Canceled):
+        train_latent_generator(td, tmp_path / "part", cfg, tmp_path / "ck2", device="cpu", sample_grid=False,
+                               on_step=cancel)
+    train_latent_generator(td, tmp_path / "part", cfg, tmp_path / "ck2", resume=True, device="cpu",
+                           sample_grid=False)
+    for sub in ("unet", "vae"):
+        a = (tmp_path / "full" / sub / "diffusion_pytorch_model.safetensors").read_bytes()
+        b = (tmp_path / "part" / sub / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert a == b, sub
+
+
+def test_replace_decoder_swaps_only_a_decoder_of_the_same_encoder(latent_gen: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.diffusion.autoencoder import finetune_decoder, save_vae
+    from models.diffusion.latent import replace_decoder
+
+    gen = tmp_path / "gen"
+    shutil.copytree(latent_gen, gen)
+    td = tiny_latent_training_data(num_images=16)
+    cfg = AutoencoderConfig.from_dict(json.loads((gen / "vae" / "autoencoder.json").read_text())["config"])
+    cfg = cfg.replace(decoder_steps=2)
+    tuned = finetune_decoder(load_vae(gen / "vae"), td.images, cfg, patient_ids=td.patient_ids, device="cpu")
+    save_vae(tuned.vae, tmp_path / "tuned", cfg, {"decoder_steps": 2, "heldout": tuned.metrics})
+    before = CXRDiffusionPipeline.from_pretrained(gen, device="cpu")(labels=["normal"], seed=0,
+                                                                      num_inference_steps=3).images
+    replace_decoder(gen, tmp_path / "tuned", notes="decoder fine-tuned")
+    after = CXRDiffusionPipeline.from_pretrained(gen, device="cpu")(labels=["normal"], seed=0,
+                                                                     num_inference_steps=3).images
+    assert not np.array_equal(before, after)
+    assert read_generator_metadata(gen)["autoencoder"]["decoder_steps"] == 2
+    assert "decoder fine-tuned" in (gen / "README.md").read_text()
+    other = train_autoencoder(td.images, AutoencoderConfig.tiny(max_steps=2, seed=9), patient_ids=td.patient_ids,
+                              device="cpu", evaluate=False)
+    save_vae(other.vae, tmp_path / "other", AutoencoderConfig.tiny(), {})
+    with pytest.raises(ValueError, match="another encoder"):
+        replace_decoder(gen, tmp_path / "other")
