@@ -67,7 +67,7 @@ class AutoencoderConfig:
     mid_block_attention: bool = False
     crop_size: int = 64
     batch_size: int = 16
-    max_steps: int = 6000
+    max_steps: int = 4500
     learning_rate: float = 1e-3
     adam_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
