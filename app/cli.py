@@ -91,10 +91,29 @@ def _parse_counts(text: str | None) -> dict[str, int] | None:
 # --------------------------------------------------------------------------------------------------
 # serve / worker
 # --------------------------------------------------------------------------------------------------
-def _worker_command(queues: str, concurrency: int, pool: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
-            "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "INFO", "--without-gossip",
-            "--without-mingle", "--without-heartbeat"]
+def _worker_command(queues: str, concurrency: int, pool: str, *, embedded: bool = False) -> list[str]:
+    """The Celery worker command line; ``embedded`` (``serve``'s own worker) drops the banner and the
+    per-task log lines (``worker/celery_app.py`` drops Celery's root-user warning for it)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", *(["--quiet"] if embedded else []), "worker",
+            "-Q", queues, "--concurrency", str(concurrency), "--pool", pool,
+            "--loglevel", "WARNING" if embedded else "INFO", "--without-gossip", "--without-mingle",
+            "--without-heartbeat"]
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown of the local worker (its task is resumable), then a kill after 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def recover_unfinished_jobs(settings: Settings) -> int:
@@ -130,6 +149,7 @@ def serve(
     import uvicorn
 
     from app.db.session import migrate
+    from worker.lifeline import PARENT_PID_ENV
 
     if "CXRSYNTH_PUBLIC_BASE_URL" not in os.environ:
         # Signed download links of the local store must point at this server.
@@ -144,18 +164,23 @@ def serve(
             n = recover_unfinished_jobs(settings)
             if n:
                 console.print(f"re-queued {n} unfinished job(s)")
-        # One solo worker process: the machine's cores go to torch inside it.
-        proc = subprocess.Popen(_worker_command("gpu,cpu", 1, "solo"), env=os.environ.copy())
-        console.print(f"worker started (pid {proc.pid}); data in {settings.data_dir}")
+        # One solo worker process: the machine's cores go to torch inside it. It watches this pid and
+        # exits if this process dies without stopping it (SIGKILL, crash): see worker/lifeline.py.
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        proc = subprocess.Popen(_worker_command("gpu,cpu", 1, "solo", embedded=True), env=env)
+        console.print(f"worker started (pid {proc.pid})")
+    if settings.embedded:
+        console.print(f"embedded state (database, objects, queue) in {settings.data_dir}: shared by every "
+                      "checkout on this machine; set CXRSYNTH_DATA_DIR to keep one apart")
+    # uvicorn handles SIGTERM/SIGINT itself, then restores the previous handlers and re-raises the signal.
+    # With the default SIGTERM handler that re-raise kills the process before `finally` can stop the
+    # worker; this handler turns it into SystemExit so the worker stops with the server.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_worker(proc)
 
 
 @app.command("worker")
@@ -348,7 +373,20 @@ def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, 
         dataset = s.get(Dataset, (finished.result or {})["dataset_id"])
         assert dataset is not None
     written = _export_folder(ctx, dataset, out)
-    console.print(f"[green]{written} images[/] in {out} (manifest.csv, card.json); job {job_id}, dataset {dataset.id}")
+    console.print(f"[green]{written} images[/] in {out} (manifest.csv, card.json); job {job_id}, dataset {dataset.id}; "
+                  f"embedded state in {settings.data_dir}")
+    console.print(_gate_line(dataset.gate_status, dataset.privacy or {}))
+
+
+def _gate_line(status: str, summary: dict[str, Any]) -> str:
+    """One line on the memorisation gate's verdict, for the end of ``generate``."""
+    if status == "not_run":
+        return f"[yellow]privacy gate not run[/]: {summary.get('reason', 'the generator has no privacy index')}"
+    counts = summary.get("counts", {})
+    colour = "green" if status == "passed" else "red"
+    return (f"[{colour}]privacy gate {status}[/]: {counts.get('replaced_images', 0)} of {counts.get('images', '?')} "
+            f"images were too close to a training image and were replaced by new samples; "
+            f"{counts.get('failed_images', 0)} still too close (privacy_report.json, privacy_report.png)")
 
 
 def _local_tenant(s: Any) -> Any:

@@ -50,8 +50,8 @@ from app.services.exports import (
 )
 from app.services.pagination import as_utc, check_limit, decode_cursor, encode_cursor, paginate_newest_first
 from app.services.uploads import (
-    IGNORED_SUFFIXES,
     PreparedImage,
+    is_top_level_note,
     normalise_label,
     prepare_images,
     sniff_stored_image,
@@ -198,7 +198,7 @@ def register_dataset(
             raise InvalidInput(f"more than {settings.max_upload_files} objects under {prefix}", slug="too-many-files")
         rel = obj.key[len(base):]
         parts = tuple(rel.split("/"))
-        if any(p.startswith(".") for p in parts) or (len(parts) == 1 and rel.lower().endswith(IGNORED_SUFFIXES)):
+        if any(p.startswith(".") for p in parts) or (len(parts) == 1 and is_top_level_note(rel)):
             continue
         if len(parts) != 2:
             raise InvalidInput(f"{obj.key}: expected {prefix}/LABEL/NAME.png", slug="bad-layout")

@@ -27,6 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.core.config import Settings
 from app.core.problems import InvalidInput, PayloadTooLarge, ProblemError
+from models.data.folders import SIDECAR_IMAGES
 
 ALLOWED_FORMATS = ("PNG", "JPEG")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,6 +36,12 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 1000
 RATIO_CHECK_MIN_BYTES = 64 * 1024  # tiny members may compress extremely well without being bombs
 LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9 _.+-]{0,63}$")
+
+
+def is_top_level_note(name: str) -> bool:
+    """A file beside the label folders that is not a sample: notes (csv, txt, md, json) and the report
+    figures ``cxrsynth generate`` writes there (``models.data.folders.SIDECAR_IMAGES``)."""
+    return name.lower().endswith(IGNORED_SUFFIXES) or name in SIDECAR_IMAGES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +370,7 @@ def _prepare_zip(
         for info, parts in members:
             where = f"{source}:{info.filename}"
             if len(parts) == 1:
-                if parts[0].lower().endswith(IGNORED_SUFFIXES):
+                if is_top_level_note(parts[0]):
                     continue
                 if label_field is None:
                     raise InvalidInput(f"{where}: images must be in LABEL/ folders (or send a label field)",

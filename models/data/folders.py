@@ -5,6 +5,9 @@ Layouts accepted everywhere a "data folder" is asked for:
 * ImageFolder: ``ROOT/<label>/*.png|jpg|jpeg`` (as ``kermany-pneumonia``); the label is the folder
   name, lower-cased.
 * Unlabelled: images directly in ``ROOT`` (label ``None``), for unconditional generators.
+
+Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``) are skipped, as uploads skip them, and so are
+the report figures in ``SIDECAR_IMAGES``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# Figures cxrsynth itself writes beside the label folders of a generated dataset (``cxrsynth generate``):
+# never samples, so every reader skips them and our outputs feed our own commands.
+SIDECAR_IMAGES = frozenset({"privacy_report.png"})
 AspectMode = Literal["pad", "center-crop", "squash"]
 
 
@@ -61,11 +67,13 @@ def list_image_folder(root: str | Path) -> list[ImageRecord]:
         raise FileNotFoundError(f"data folder not found: {root}")
     records: list[ImageRecord] = []
     for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
         if p.is_dir():
             for f in sorted(p.iterdir()):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
                     records.append(ImageRecord(f, p.name.lower(), patient_id_from_name(f.name)))
-        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in SIDECAR_IMAGES:
             records.append(ImageRecord(p, None, patient_id_from_name(p.name)))
     if not records:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")

@@ -62,6 +62,14 @@ def test_image_folder_zip_with_wrapper_and_notes(tmp_path: Path) -> None:
         assert img.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(img.sha256) == 64
 
 
+def test_a_zipped_generate_folder_uploads_as_is(tmp_path: Path) -> None:
+    """``cxrsynth generate --out D`` writes a report figure and notes beside the label folders."""
+    data = _zip({"normal/a.png": _png(), "pneumonia/b.png": _png(), "privacy_report.png": _png(),
+                 "privacy_report.json": b"{}", "manifest.csv": b"file", "card.json": b"{}"})
+    images = prepare_images(_form(tmp_path, {"out.zip": data}), _settings(tmp_path), tmp_path / "out")
+    assert sorted((i.label, i.name) for i in images) == [("normal", "a.png"), ("pneumonia", "b.png")]
+
+
 @pytest.mark.parametrize(("members", "slug"), [
     ({"../x.png": b""}, "unsafe-path"),
     ({"a/../../x.png": b""}, "unsafe-path"),
