@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     compile_unet: bool = Field(default=False, description="torch.compile the generator UNet in workers: "
                                "1.15-1.4x faster sampling after a one-off compile per process (~90 s on a "
                                "2-core CPU); rare pixels may differ by one grey level from eager sampling.")
-    default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-64",
-                                        description="Built-in generator used when a request names none.")
+    default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-224",
+                                        description="Built-in generator used when a request names none; the "
+                                        "other generator-* folders beside it are built-ins too.")
     webhook_max_attempts: int = Field(default=6, ge=1, description="Deliveries tried per webhook.")
     webhook_backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles each time.")
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one webhook POST.")

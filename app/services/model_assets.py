@@ -118,15 +118,24 @@ def _mark_missing_builtins(session: Session, model: type[AssetT], keep: set[str]
             row.status = "unavailable"
 
 
-def ensure_builtin_generators(session: Session, settings: Settings) -> list[Generator]:
-    """Upsert the built-in generator row of ``default_generator_dir`` when it holds a ``cxrsynth.json``
-    (``config`` = that JSON); built-in rows whose folder is gone become ``unavailable``. Commits."""
-    rows: list[Generator] = []
+def builtin_generator_dirs(settings: Settings) -> list[Path]:
+    """``default_generator_dir`` and the ``generator-*`` folders beside it that hold a ``cxrsynth.json``
+    (the shipped 224 px default and the 64 px generator are both served; a request names one by id)."""
     folder = Path(settings.default_generator_dir)
-    if (folder / GENERATOR_MANIFEST).is_file():
-        rows.append(_upsert_builtin(session, Generator, "generator", folder, _read_json(folder / GENERATOR_MANIFEST)))
-    else:
+    dirs = [folder] if (folder / GENERATOR_MANIFEST).is_file() else []
+    if not dirs:
         log.warning("no built-in generator: %s has no %s", folder, GENERATOR_MANIFEST)
+    if folder.parent.is_dir():
+        dirs += sorted(d for d in folder.parent.glob("generator-*")
+                       if d.is_dir() and d.name != folder.name and (d / GENERATOR_MANIFEST).is_file())
+    return dirs
+
+
+def ensure_builtin_generators(session: Session, settings: Settings) -> list[Generator]:
+    """Upsert a built-in generator row per :func:`builtin_generator_dirs` folder (``config`` = its
+    ``cxrsynth.json``); built-in rows whose folder is gone become ``unavailable``. Commits."""
+    rows = [_upsert_builtin(session, Generator, "generator", d, _read_json(d / GENERATOR_MANIFEST))
+            for d in builtin_generator_dirs(settings)]
     _mark_missing_builtins(session, Generator, {r.id for r in rows})
     session.commit()
     return rows

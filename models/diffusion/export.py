@@ -186,8 +186,12 @@ def export_generator(
     sample_grid: bool = True,
     vae: Any = None,
     autoencoder_info: Mapping[str, Any] | None = None,
+    warm_start: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete generator directory (built in a temp dir, then moved into place).
+
+    ``warm_start`` (``{"from": name, "steps": n}``) records the generator this one continued, and makes
+    ``training.total_steps`` the UNet's whole budget.
 
     With ``vae`` (a latent generator) the weights go to the diffusers component folders ``unet/``,
     ``vae/`` and ``scheduler/``; a pixel generator keeps them at the root, as every earlier release.
@@ -214,6 +218,9 @@ def export_generator(
                          dtype=str(dtype).removeprefix("torch."))
         if vae is not None:
             meta.update(_latent_metadata(vae, resolution, autoencoder_info or {}))
+        if warm_start:
+            meta["training"]["warm_start"] = dict(warm_start)
+            meta["training"]["total_steps"] = int(warm_start["steps"]) + steps
         (tmp / CXRSYNTH_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         if sample_grid:
             _export_sample_grid(tmp)
@@ -253,6 +260,15 @@ def _metadata(
         },
         "index": {"file": TRAINING_INDEX, "embedding_size": INDEX_EMBED_SIZE},
     }
+
+
+def _warm_start_line(meta: Mapping[str, Any]) -> str:
+    """Card line of a warm-started generator: where it started and its whole UNet budget."""
+    warm = meta["training"].get("warm_start")
+    if not warm:
+        return ""
+    return (f"\n- Warm-started from `{warm['from']}` ({warm['steps']:,} steps): "
+            f"{meta['training']['total_steps']:,} UNet steps in all.")
 
 
 def _latent_metadata(vae: Any, resolution: int, info: Mapping[str, Any]) -> dict[str, Any]:
@@ -360,7 +376,7 @@ Diffusion model that generates synthetic grey-scale chest X-rays ({meta['resolut
   No horizontal flips (anatomy is not mirror-symmetric).
 - {meta['training']['steps']:,} steps at batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']} with
   {cfg['warmup_steps']} warm-up steps and cosine decay, grad clip {cfg['grad_clip_norm']}, EMA decay {cfg['ema_decay']}.
-- Wall time {meta['training']['wall_seconds']:,.0f} s on {meta['training']['device']}.
+- Wall time {meta['training']['wall_seconds']:,.0f} s on {meta['training']['device']}.{_warm_start_line(meta)}
 {grid}
 ## Privacy
 `training_index.safetensors` holds, per training image, the SHA-256 of its pixels at the training

@@ -214,8 +214,12 @@ def _as_training_data(
     return td
 
 
-def _warm_start(unet: UNet2DModel, generator_dir: str | Path, label_names: Sequence[str]) -> None:
-    """Load an exported generator's (EMA, possibly fp16) weights into ``unet`` as float32."""
+def _warm_start(unet: UNet2DModel, generator_dir: str | Path, label_names: Sequence[str]) -> dict[str, Any]:
+    """Load an exported generator's (EMA, possibly fp16) weights into ``unet`` as float32.
+
+    Returns the record the export keeps: the source folder's name and the UNet steps it had had in all,
+    so a card of a phase-2 model states its whole training budget.
+    """
     meta_path = Path(generator_dir) / "cxrsynth.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{generator_dir} is not a generator directory (no cxrsynth.json)")
@@ -231,6 +235,9 @@ def _warm_start(unet: UNet2DModel, generator_dir: str | Path, label_names: Seque
     if missing or unexpected:
         raise ValueError(f"warm start: architecture differs from {generator_dir} "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    training = meta.get("training", {})
+    return {"from": Path(generator_dir).resolve().name,
+            "steps": int(training.get("total_steps", training.get("steps", 0)))}
 
 
 def _resize_data(td: TrainingData, config: TrainingConfig) -> TrainingData:
@@ -303,8 +310,9 @@ def train_generator(
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     unet: UNet2DModel = cast(Any, build_unet(config, num_labels)).to(dev)  # cast: see pipeline
+    warm_start: dict[str, Any] | None = None
     if init_from is not None and not resume:
-        _warm_start(unet, init_from, td.label_names)
+        warm_start = _warm_start(unet, init_from, td.label_names)
     unet.train()
     if dev.type == "cuda":
         unet = cast(Any, unet).to(memory_format=torch.channels_last)
@@ -339,6 +347,7 @@ def train_generator(
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         ema.to(dev)
+        warm_start = state.get("warm_start")
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         order.load_state_dict(state["data_order"])
@@ -358,6 +367,7 @@ def train_generator(
             {
                 "format": "cxrsynth-diffusion-checkpoint/1",
                 "config": config.to_dict(),
+                "warm_start": warm_start,
                 "label_names": list(td.label_names),
                 "data_summary": {"source": td.source, "counts": td.counts(), "num_images": len(td.images)},
                 "unet": unet.state_dict(),
@@ -431,7 +441,7 @@ def train_generator(
 
         result.out_dir = export_generator(
             out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev),
-            sample_grid=sample_grid, vae=vae, autoencoder_info=autoencoder_info,
+            sample_grid=sample_grid, vae=vae, autoencoder_info=autoencoder_info, warm_start=warm_start,
         )
     return result
 
@@ -462,7 +472,7 @@ def export_from_checkpoint(
     device = device or state.get("device_words") or state.get("device", "cpu")
     return export_generator(
         out_dir, unet, ema, config, td, steps=int(state["step"]), wall_seconds=float(state["wall_seconds"]),
-        device=str(device), notes=notes, sample_grid=sample_grid,
+        device=str(device), notes=notes, sample_grid=sample_grid, warm_start=state.get("warm_start"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,25 @@ def test_builtin_rows_follow_the_folder(settings_with: Callable[..., Settings], 
             rows = list(s.scalars(select(Generator).where(Generator.name == "generator-api-tiny",
                                                           Generator.tenant_id.is_(None))))
         assert len(rows) == 1 and rows[0].status == "ready"
+
+
+def test_every_shipped_generator_is_a_builtin(settings_with: Callable[..., Settings], tenant: TenantAuth,
+                                             api_weights_dir: Path, tmp_path: Path) -> None:
+    """The default and the other ``generator-*`` folders beside it (e.g. the 64 px one next to the 224 px
+    default) are served; only the default answers requests without ``generator_id``."""
+    weights = tmp_path / "weights"
+    for name in ("generator-site-224", "generator-site-64"):
+        shutil.copytree(api_weights_dir / "generator-api-tiny", weights / name)
+    (weights / "generator-notes").mkdir()  # no cxrsynth.json: not a generator
+    with running_client(settings_with(default_generator_dir=weights / "generator-site-224")) as c:
+        gens = {g["name"]: g for g in c.get("/v1/generators", headers=tenant.headers).json()["items"]}
+        assert {"generator-site-224", "generator-site-64"} <= set(gens) and "generator-notes" not in gens
+        assert gens["generator-site-64"]["builtin"] and gens["generator-site-64"]["status"] == "ready"
+        job = c.post("/v1/generations", json={"n": 1}, headers=tenant.headers).json()
+        assert job["params"]["generator_id"] == gens["generator-site-224"]["id"], job
+        other = c.post("/v1/generations", json={"n": 1, "generator_id": gens["generator-site-64"]["id"]},
+                       headers=tenant.headers)
+        assert other.status_code == 202, other.text
 
 
 def test_healthz_and_readyz(client: TestClient, settings_with: Callable[..., Settings]) -> None:

@@ -231,6 +231,10 @@ def test_warm_start_reuses_the_autoencoder_and_the_unet(latent_gen: Path, tmp_pa
     b = load_vae(tmp_path / "phase2" / "vae").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert res.steps == 2
+    first = read_generator_metadata(latent_gen)["training"]["steps"]
+    assert meta["training"]["warm_start"] == {"from": latent_gen.name, "steps": first}
+    assert meta["training"]["total_steps"] == first + 2
+    assert f"{first + 2:,} UNet steps in all" in (tmp_path / "phase2" / "README.md").read_text()
 
 
 def test_latent_training_refuses_data_of_the_wrong_size(tmp_path: Path) -> None:
