@@ -49,12 +49,16 @@ class PretrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+# The SSL methods by name; an unknown name fails loudly (it never falls back to another method).
+SSL_METHODS: dict[str, type[DINO] | type[SimCLR]] = {DINO.method: DINO, SimCLR.method: SimCLR}
+
+
 def build_ssl_model(config: PretrainConfig) -> SSLModel:
     """A fresh DINO or SimCLR model on a randomly initialised timm backbone (``in_chans=1``)."""
+    if config.method not in SSL_METHODS:
+        raise ValueError(f"unknown SSL method {config.method!r}; known: {', '.join(SSL_METHODS)}")
     backbone = create_backbone(config.backbone, config.resolution, config.backbone_kwargs)
-    if config.method == "dino":
-        return DINO(backbone, config)
-    return SimCLR(backbone, config)
+    return SSL_METHODS[config.method](backbone, config)
 
 
 def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:

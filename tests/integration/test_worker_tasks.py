@@ -200,3 +200,26 @@ def test_webhook_signed_and_retried(stack: dict[str, Any], receiver: tuple[str, 
         d = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
         assert d.status == "delivered" and d.attempts == 3 and d.last_status_code == 204
         assert s.get(Tenant, stack["tenant"].id) is not None
+
+
+def test_run_job_of_an_unknown_kind_fails_loudly(stack: dict[str, Any]) -> None:
+    """A run message for a kind this worker has no runner for (e.g. a newer API's) fails that job; it
+    never falls through to another kind's code (it used to run generator training)."""
+    from app.core.queue import TASK_RUN_JOB
+    from worker.tasks.jobs import SINGLE_TASK_RUNNERS
+
+    assert set(SINGLE_TASK_RUNNERS) == {"generator_training", "pretraining", "evaluation"}
+    job_id = make_job(stack, 2)
+    with stack["sessions"]() as s:
+        job = s.get(Job, job_id)
+        job.kind = "segmentation_training"  # no such kind (the column is a plain string)
+        s.commit()
+    ctx = WorkerContext(stack["settings"], InlineDispatcher({}))
+    ctx.dispatcher = dispatcher = InlineDispatcher(task_registry(ctx))
+    dispatcher.send(TASK_RUN_JOB, job_id)
+    dispatcher.drain()
+    with stack["sessions"]() as s:
+        job = s.get(Job, job_id)
+        assert job.status == "failed" and "segmentation_training" in json.dumps(job.error)
+        owned = select(func.count()).select_from(Generator).where(Generator.tenant_id == stack["tenant"].id)
+        assert s.scalar(owned) == 1  # nothing was trained

@@ -167,3 +167,13 @@ def test_bad_pretraining_data(tmp_path: Path) -> None:
         pretraining_dataset(np.zeros((0, 8, 8), np.uint8), 32)
     with pytest.raises(ValueError, match="method"):
         PretrainConfig(method="mae")  # type: ignore[arg-type]
+
+
+def test_an_unknown_method_never_falls_back_to_another() -> None:
+    from models.ssl.training import SSL_METHODS
+
+    assert set(SSL_METHODS) == {"dino", "simclr"}
+    cfg = PretrainConfig.tiny(method="dino")
+    object.__setattr__(cfg, "method", "byol")  # past the config's own check, as a stale saved config would be
+    with pytest.raises(ValueError, match="unknown SSL method 'byol'"):
+        build_ssl_model(cfg)

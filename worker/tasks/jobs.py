@@ -18,7 +18,14 @@ from app.db.orm import JobKind, JobStatus
 from worker.runtime import WorkerContext, load_job, mark_failed
 from worker.tasks import exports, generation, ssl, training, webhooks
 
-SINGLE_TASK_KINDS = (JobKind.generator_training.value, JobKind.pretraining.value, JobKind.evaluation.value)
+# The job kinds that run as one task, and the function that runs each (generation is sharded: start_job
+# fans it out). Every JobKind must be here or be generation; an unknown kind fails the job loudly.
+SINGLE_TASK_RUNNERS: dict[str, Callable[[WorkerContext, str], None]] = {
+    JobKind.generator_training.value: training.train_generator_job,
+    JobKind.pretraining.value: ssl.pretrain_job,
+    JobKind.evaluation.value: ssl.evaluate_job,
+}
+SINGLE_TASK_KINDS = tuple(SINGLE_TASK_RUNNERS)
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +62,15 @@ def start_job(ctx: WorkerContext, job_id: str) -> None:
 
 def run_job(ctx: WorkerContext, job_id: str) -> None:
     """Single-task kinds: generator training, pretraining, evaluation."""
-    with ctx.sessions() as s:
+    with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
-        kind = job.kind if job is not None else ""
-    if kind == JobKind.pretraining.value:
-        ssl.pretrain_job(ctx, job_id)
-    elif kind == JobKind.evaluation.value:
-        ssl.evaluate_job(ctx, job_id)
-    else:
-        training.train_generator_job(ctx, job_id)
+        if job is None:
+            return
+        runner = SINGLE_TASK_RUNNERS.get(job.kind)
+        if runner is None:  # never fall through to another kind's code
+            mark_failed(s, job, "unsupported job kind", f"this worker cannot run {job.kind!r} jobs")
+    if runner is not None:
+        runner(ctx, job_id)
     _notify_if_terminal(ctx, job_id)
 
 
