@@ -31,6 +31,7 @@ from app.schemas.common import DownloadLink
 from app.services.pagination import as_utc
 from app.storage.base import ObjectStore, tenant_key
 from models.callbacks import OnStep, no_progress
+from models.files import file_sha256
 from models.release.card import CardInputs
 from models.release.manifest import (
     BASE_FIELDS,
@@ -100,15 +101,6 @@ def export_content_type(fmt: str) -> str:
 def image_key(dataset: Dataset, file: str) -> str:
     """Object key of a manifest ``file`` of ``dataset``."""
     return f"{dataset.prefix.rstrip('/')}/{file}"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def close_stream(stream: IO[bytes]) -> None:
@@ -200,7 +192,7 @@ def build_dataset_export(
             header = read_header(f)
         gen_config = dict((generator.config if generator is not None else None)
                           or ((dataset.card or {}).get("generator") or {}).get("config") or {})
-        spec = ReleaseSpec(card=card_inputs(dataset, generator, sha256_file(manifest_path)),
+        spec = ReleaseSpec(card=card_inputs(dataset, generator, file_sha256(manifest_path)),
                            manifest_columns=manifest_columns(header, synthetic),
                            label_ids=_label_ids(dataset, gen_config),
                            extra_files={"dataset.json": _legacy_dataset_json(dataset)} if fmt == "zip" else {},

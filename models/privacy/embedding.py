@@ -19,7 +19,6 @@ to compare features from a different network (:class:`EmbeddingMismatch`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from models.device import pick_device
+from models.files import file_sha256
 
 WEIGHTS_ROOT = Path(__file__).resolve().parents[1] / "weights"
 COPY_DETECTOR = "copy-detector-64"
@@ -46,15 +46,6 @@ class Embedder(Protocol):
     spec: dict[str, str]
 
     def __call__(self, images: np.ndarray) -> torch.Tensor: ...
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file (the identity of a network's weights)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fixed_blocks(images: np.ndarray, forward: Any, block: int = FEATURE_BLOCK) -> torch.Tensor:

@@ -20,7 +20,6 @@ order), so exporting the same dataset twice gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -428,11 +427,3 @@ def write_release(fmt: str, path: Path, records: Iterable[ReleaseRecord], spec: 
         raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}") from None
     return writer(Path(path), records, spec, on_step=on_step)
 
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
