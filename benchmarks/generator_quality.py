@@ -17,7 +17,8 @@ scores an already sampled set instead (an ``images.npz`` with ``images`` and ``l
 generator that makes smaller images is upscaled to it (PIL bicubic), which is the baseline a 224 px
 generator must beat. Every row also reports the share of spectral power above 40 cycles per image as a
 fraction of the real images' share (``models.metrics.spectrum``): upscaled images lack fine detail. FID,
-PRDC and label fidelity use the shipped 64 px reference classifier (images are resized to 64 px for it).
+PRDC and label fidelity use the shipped 64 px reference classifier (images are resized to 64 px for it), or
+the one given with ``--reference DIR`` (e.g. a 128 px one from ``python -m models.metrics.reference``).
 
 Prints a table and writes ``docs/results/generator_quality.json`` (+ one sample/real grid PNG per row).
 """
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=64, help="size the rows are compared at (see above)")
+    ap.add_argument("--reference", default=None,
+                    help="reference classifier folder for FID / PRDC / label fidelity (default: the shipped 64 px)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "generator_quality.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,8 +86,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from models.data.folders import list_image_folder
     from models.diffusion.pipeline import CXRDiffusionPipeline
     from models.diffusion.training import load_training_data
+    from models.metrics.reference import load_reference_classifier
     from models.metrics.report import generator_report
     from models.metrics.spectrum import high_frequency_share
+
+    classifier = load_reference_classifier(args.reference)
 
     td = load_training_data(args.real, args.resolution, "pad")
     recs = list_image_folder(args.real)
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     real_hf = high_frequency_share(td.images[idx])
     for name, images, labels, info in sets:
         rep = generator_report(images, labels, td.images[idx], td.labels[idx], names, real_patient_ids=pids,
-                               seed=args.seed, grid_path=out_path.with_name(f"{out_path.stem}-{name}.png"))
+                               seed=args.seed, grid_path=out_path.with_name(f"{out_path.stem}-{name}.png"),
+                               classifier=classifier)
         rows[name] = {**info, "n": len(images), "synthetic_vs_real": rep["rows"]["synthetic_vs_real"],
                       "real_vs_real": rep["rows"]["real_vs_real"],
                       "hf_share_vs_real": high_frequency_share(images) / real_hf}
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:<16} {s['n']:>5} {s['fid']:>7.2f} {rr['fid']:>9.2f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
               f"{s['coverage']:>6.3f} {div:>12} {s['label_fidelity']['auc']:>9.4f} {r['hf_share_vs_real']:>10.2f}")
     path = write_result("generator_quality", {"real": args.real, "real_n": len(idx), "resolution": args.resolution,
+                                              "reference_classifier": args.reference or "reference-classifier-64",
+                                              "reference_resolution": classifier.config.resolution,
                                               "real_hf_share": real_hf, "rows": rows}, out_path)
     print(f"wrote {path}")
     return rows
