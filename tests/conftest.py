@@ -183,3 +183,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The embedded service (SQLite, local objects) under ``tmp_path``, as ``cxrsynth`` would use it."""
+    from app.core.config import get_settings
+
+    monkeypatch.setenv("CXRSYNTH_DATA_DIR", str(tmp_path / "state"))
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()

@@ -42,8 +42,7 @@ def test_readme_api_block_runs_as_written(settings_factory: Any, tiny_generator:
     assert "$JOB" in script and "$DATASET" in script and "$URL" in script
     work = tmp_path / "readme"
     work.mkdir()
-    (work / ".venv").symlink_to(Path(sys.executable).resolve().parent.parent
-                                if not (REPO_ROOT / ".venv").exists() else REPO_ROOT / ".venv")
+    (work / ".venv").symlink_to(Path(sys.prefix))  # the virtual environment running these tests
     settings = settings_factory(tmp_path, stack="embedded", default_generator_dir=tiny_generator)
     env = settings_env(settings)
     env.pop("CXRSYNTH_PUBLIC_BASE_URL", None)  # serve sets it from --port, as for a user

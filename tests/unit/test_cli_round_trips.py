@@ -5,7 +5,6 @@ every reader skips), and ``generate`` ends with the privacy gate's verdict."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,6 @@ from app.cli import app
 from models.data.folders import SIDECAR_IMAGES, list_image_folder
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from app.core.config import get_settings
-
-    monkeypatch.setenv("CXRSYNTH_DATA_DIR", str(tmp_path / "state"))
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
 
 
 def _ok(args: list[str]) -> str:

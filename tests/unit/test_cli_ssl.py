@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +177,6 @@ def test_bad_input_fails_clearly(args: list[str], needle: str, slices: dict[str,
     assert needle in " ".join(result.output.split())  # rich wraps long lines
     assert "Traceback" not in result.output
     assert not (tmp_path / "enc").exists()
-
-
-@pytest.fixture
-def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The embedded service (SQLite, local objects) under ``tmp_path``, as ``cxrsynth`` would use it."""
-    from app.core.config import get_settings
-
-    monkeypatch.setenv("CXRSYNTH_DATA_DIR", str(tmp_path / "state"))
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
 
 
 def test_pretrain_dataset_id_runs_an_embedded_job(embedded: Any, slices: dict[str, Path], tmp_path: Path) -> None:
