@@ -48,7 +48,27 @@ def create_backbone(model_name: str, resolution: int, extra: dict[str, Any] | No
     model = timm.create_model(model_name, in_chans=1, num_classes=0, pretrained=False, **kwargs)
     if not isinstance(getattr(model, "num_features", None), int):
         raise ValueError(f"timm model {model_name!r} does not expose num_features")
+    check_input_size(model, model_name, resolution)
     return model
+
+
+def check_input_size(model: nn.Module, model_name: str, size: int, what: str = "resolution") -> None:
+    """Raise ``ValueError`` when ``model`` cannot take ``size x size`` images, before any training.
+
+    A ViT needs a multiple of its patch size, at least one patch (timm would only assert on the first
+    forward pass); a model whose timm config names a ``min_input_size`` needs at least that.
+    """
+    ps = patch_size(model)
+    if ps is not None and (size < ps or size % ps):
+        if size < ps:
+            problem, fix = f"below the minimum of one {ps} px patch", f"{ps}"
+        else:
+            problem, fix = f"not a multiple of the patch size {ps}", f"{size // ps * ps} or {(size // ps + 1) * ps}"
+        raise ValueError(f"{what} {size} px is {problem} of {model_name}; use e.g. {fix}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    minimum = cfg.get("min_input_size") if isinstance(cfg, dict) else None
+    if minimum and size < int(minimum[-1]):
+        raise ValueError(f"{what} {size} px is below the minimum input size {minimum[-1]} px of {model_name}")
 
 
 def patch_size(model: nn.Module) -> int | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from models.data.folders import AspectMode
+from models.device import PRECISIONS, Precision
 
 SSLMethod = Literal["dino", "simclr"]
 
@@ -70,6 +71,9 @@ class PretrainConfig:
     grad_clip_norm: float = 3.0
     seed: int = 0
     checkpoint_every: int = 100
+    # bf16 autocast: ``auto`` uses it on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where a
+    # ResNet-18 step runs ~1.7x faster; ``fp32`` forces exact fp32 (the loss is fp32 either way).
+    precision: Precision = "auto"
     # --- data loading: sets up to this size (N * resolution^2 bytes) are decoded into RAM once,
     # larger ones stream from disk through a DataLoader with ``num_workers`` processes.
     cache_limit_mb: int = 512
@@ -98,6 +102,8 @@ class PretrainConfig:
             raise ValueError("need 0 <= momentum_start <= momentum_end <= 1")
         if self.norm_std <= 0:
             raise ValueError("norm_std must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def local_size(self) -> int:

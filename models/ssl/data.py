@@ -1,9 +1,13 @@
-"""Pretraining data: any image folder, a uint8 array or a torch Dataset, served as uint8 batches.
+"""Pretraining data: an image folder, a uint8 array, a torch Dataset or WebDataset shards, as uint8 batches.
 
 Small sets are decoded into RAM once (fast, no worker processes); large ones (e.g. 100k synthetic
 images at 224 px) stream from disk through a ``DataLoader``. The batch order is a pure function of
 ``(seed, step)`` (:class:`StepBatchSampler`), so a resumed run reads exactly the batches the
 uninterrupted run would have read, whatever the number of loader workers.
+
+WebDataset shards (a folder, the export layout with ``shards/``, ``s3://bucket/prefix/`` or any
+:class:`~models.ssl.shards.ShardSource`) are never loaded whole: :class:`~models.ssl.stream.ShardStream`
+streams them in an order that is also fixed by ``(seed, step)`` (for a given number of workers).
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.data.folders import AspectMode, images_to_array, list_image_folder, load_grey, resize_grey
+from models.ssl.shards import SHARD_SUFFIX, SHARDS_DIR, LocalShards, S3Shards, ShardIndex, ShardSource, index_shards
+from models.ssl.stream import ShardStream
+
+PretrainData = str | Path | np.ndarray | Dataset[Any] | ShardSource
 
 
 @dataclass(frozen=True)
@@ -79,18 +87,45 @@ def resize_array(images: np.ndarray, resolution: int, aspect_mode: AspectMode = 
     )
 
 
+def shard_source(data: object) -> ShardSource | None:
+    """The shard source ``data`` names, or ``None`` when it is not shards.
+
+    Shards: a :class:`ShardSource`, an ``s3://`` URL (credentials from the AWS environment variables,
+    :meth:`S3Shards.from_env`), or a folder holding ``*.tar`` files or a ``shards/`` folder.
+    """
+    if isinstance(data, ShardSource):
+        return data
+    if isinstance(data, str) and data.startswith("s3://"):
+        return S3Shards.from_env(data)
+    if isinstance(data, str | Path):
+        root = Path(data)
+        if root.is_dir() and (any(root.glob("*" + SHARD_SUFFIX)) or (root / SHARDS_DIR).is_dir()):
+            return LocalShards(root)
+    return None
+
+
+def shard_summary(index: ShardIndex, resolution: int) -> DataSummary:
+    """The :class:`DataSummary` of indexed shards (labels from the manifest or the samples' ``.json``/``.cls``)."""
+    return DataSummary(index.source.name, index.num_samples, resolution, dict(index.labels))
+
+
 def pretraining_dataset(
-    data: str | Path | np.ndarray | Dataset[Any],
+    data: PretrainData,
     resolution: int,
     aspect_mode: AspectMode = "pad",
     cache_limit_mb: int = 512,
 ) -> tuple[Dataset[torch.Tensor], DataSummary]:
-    """A dataset of ``(1, R, R)`` uint8 tensors and its summary, from a folder, an array or a Dataset.
+    """A dataset of ``(1, R, R)`` uint8 tensors and its summary, from a folder, an array, a Dataset or shards.
 
     Folders may be ImageFolder (labels are counted for the model card, never used) or loose images.
     A folder whose decoded pixels fit in ``cache_limit_mb`` is loaded into RAM once; otherwise it is
     streamed. A user ``Dataset`` must already yield ``(1, R, R)`` or ``(R, R)`` uint8 images.
+    WebDataset shards (see :func:`shard_source`) give a :class:`ShardStream`, whatever their size.
     """
+    source = shard_source(data)
+    if source is not None:
+        index = index_shards(source)  # raises on no shards, no samples or a damaged shard
+        return ShardStream(index, resolution, aspect_mode), shard_summary(index, resolution)
     if isinstance(data, np.ndarray):
         if data.ndim != 3 or data.dtype != np.uint8:
             raise ValueError(f"an image array must be (N, H, W) uint8, got {data.shape} {data.dtype}")
@@ -170,3 +205,28 @@ class StepBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):
             yield self.batch(step)
+
+
+def pretraining_loader(
+    dataset: Dataset[torch.Tensor], batch_size: int, seed: int, start_step: int, total_steps: int,
+    num_workers: int = 0, pin_memory: bool = False,
+) -> DataLoader[Any]:
+    """Batches of steps ``start_step .. total_steps - 1``; batch ``s`` depends only on ``(seed, s)``.
+
+    Map-style data goes through :class:`StepBatchSampler`; a :class:`ShardStream` is set up for the same
+    steps and workers (see :mod:`models.ssl.stream`). Either way a resumed run reads the batches the
+    uninterrupted run would have read.
+    """
+    # Its own generator: a DataLoader otherwise draws a base seed from the global RNG, which
+    # would shift the augmentation draws of a resumed run.
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, ShardStream):
+        stream = dataset.configured(batch_size=batch_size, seed=seed, start_step=start_step,
+                                    total_steps=total_steps, num_workers=num_workers)
+        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=False, generator=generator)
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, total_steps)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=False, generator=generator,
+    )

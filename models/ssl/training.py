@@ -18,17 +18,18 @@ import numpy as np
 import torch
 from lightly.utils.scheduler import CosineWarmupScheduler
 from timm.optim import param_groups_weight_decay
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from models.callbacks import Canceled, OnStep, no_progress
 from models.checkpoints import CHECKPOINT_NAME, read_checkpoint, save_checkpoint_atomic
-from models.device import autocast_for, pick_device
+from models.device import Precision, autocast_for, pick_device, resolve_precision
 from models.ssl.augment import normalize
-from models.ssl.backbones import backbone_kwargs, create_backbone
+from models.ssl.backbones import backbone_kwargs, check_input_size, create_backbone
 from models.ssl.base import SSLModel
 from models.ssl.config import PretrainConfig
-from models.ssl.data import DataSummary, StepBatchSampler, pretraining_dataset
+from models.ssl.data import DataSummary, pretraining_dataset, pretraining_loader
 from models.ssl.dino import DINO
+from models.ssl.shards import ShardSource
 from models.ssl.simclr import SimCLR
 
 CHECKPOINT_FORMAT = "cxrsynth-ssl-checkpoint/1"
@@ -58,6 +59,8 @@ def build_ssl_model(config: PretrainConfig) -> SSLModel:
     if config.method not in SSL_METHODS:
         raise ValueError(f"unknown SSL method {config.method!r}; known: {', '.join(SSL_METHODS)}")
     backbone = create_backbone(config.backbone, config.resolution, config.backbone_kwargs)
+    if config.method == "dino" and config.n_local_crops > 0:
+        check_input_size(backbone, config.backbone, config.local_size, "the local crop size")
     return SSL_METHODS[config.method](backbone, config)
 
 
@@ -87,14 +90,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _device_words(dev: torch.device) -> str:
+# Smallest view side that gets bf16 on a CPU. Measured with torch 2.14.1 / oneDNN on AVX512-BF16: a
+# ResNet-18 trained on 32 px global + 16 px local views in bf16 gives different losses run to run and
+# sometimes NaN after the first step; 48/24 and 64/32 px views are bit-reproducible. Views below this
+# side run in fp32 on CPU (``auto``) or are refused (``bf16``).
+CPU_BF16_MIN_VIEW = 32
+
+
+def training_precision(config: PretrainConfig, dev: torch.device) -> Precision:
+    """The arithmetic of a run (``fp32`` or ``bf16``), resolved from ``config.precision`` for ``dev``."""
+    arithmetic = resolve_precision(config.precision, dev)
+    local = config.method == "dino" and config.n_local_crops > 0  # SimCLR has global views only
+    smallest = min(config.resolution, config.local_size) if local else config.resolution
+    if dev.type == "cpu" and arithmetic == "bf16" and smallest < CPU_BF16_MIN_VIEW:
+        if config.precision == "bf16":
+            raise ValueError(f"bf16 on CPU needs views of at least {CPU_BF16_MIN_VIEW} px (the smallest here is "
+                             f"{smallest} px): oneDNN's bf16 kernels are not reproducible below that")
+        return "fp32"
+    return arithmetic
+
+
+def _device_words(dev: torch.device, arithmetic: Precision) -> str:
     if dev.type == "cuda":
-        return f"CUDA, {torch.cuda.get_device_name(dev)}"
-    return f"CPU, {torch.get_num_threads()} threads"
+        return f"CUDA, {torch.cuda.get_device_name(dev)}, {arithmetic}"
+    return f"CPU, {torch.get_num_threads()} threads, {arithmetic}"
 
 
 def pretrain(
-    data: str | Path | np.ndarray | Dataset[Any],
+    data: str | Path | np.ndarray | Dataset[Any] | ShardSource,
     config: PretrainConfig,
     out_dir: str | Path | None,
     checkpoint_dir: str | Path | None = None,
@@ -107,16 +130,20 @@ def pretrain(
     """Self-supervised pretraining of a timm backbone on grey X-rays; exports the encoder to ``out_dir``.
 
     ``data``: an image folder (ImageFolder or loose images; labels are ignored), an (N, H, W) uint8
-    array (resized to ``config.resolution``) or a Dataset of uint8 images at that resolution.
+    array (resized to ``config.resolution``), a Dataset of uint8 images at that resolution, or WebDataset
+    shards (a folder of ``*.tar``, an export folder with ``shards/``, ``s3://bucket/prefix/`` or a
+    :class:`~models.ssl.shards.ShardSource`), streamed and never loaded whole.
     Optimiser: AdamW (no weight decay on biases and norms, timm's ``param_groups_weight_decay``) with
     linear warm-up then cosine decay (lightly's ``CosineWarmupScheduler``), gradient clipping; bf16
-    autocast on CUDA only. With ``checkpoint_dir`` the full state is saved every
+    autocast per ``config.precision`` (``auto``: on CUDA and on CPUs with native bf16, see
+    :func:`training_precision`). With ``checkpoint_dir`` the full state is saved every
     ``config.checkpoint_every`` steps and at the end; ``resume=True`` continues from it. When
     ``on_step`` raises :class:`Canceled` the state is checkpointed, then the exception propagates.
     ``out_dir=None`` skips the export.
     """
     dataset, summary = pretraining_dataset(data, config.resolution, config.aspect_mode, config.cache_limit_mb)
     dev = pick_device(device)
+    arithmetic = training_precision(config, dev)  # an impossible bf16 fails here, not mid-run
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -176,19 +203,13 @@ def pretrain(
         )
 
     total = config.max_steps
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, step, total)  # type: ignore[arg-type]
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False,
-        # Its own generator: a DataLoader otherwise draws a base seed from the global RNG, which
-        # would shift the augmentation draws of a resumed run.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    loader = pretraining_loader(dataset, config.batch_size, config.seed, step, total, config.num_workers,
+                                pin_memory=dev.type == "cuda")
     try:
         for batch in loader:
             x = batch.to(dev, non_blocking=True)
             crops = [normalize(v, config.norm_mean, config.norm_std) for v in views(x)]
-            with autocast_for(dev):
+            with autocast_for(dev, arithmetic):
                 loss = model.training_loss(crops, step, total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
@@ -211,7 +232,7 @@ def pretrain(
     wall = wall_before + (time.perf_counter() - t_start)
     result = PretrainResult(
         None, config.method, config.backbone, step, losses[-1] if losses else float("nan"), wall,
-        _device_words(dev), summary, losses,
+        _device_words(dev, arithmetic), summary, losses,
     )
     if out_dir is not None:
         from models.ssl.export import export_encoder

@@ -177,3 +177,47 @@ def test_an_unknown_method_never_falls_back_to_another() -> None:
     object.__setattr__(cfg, "method", "byol")  # past the config's own check, as a stale saved config would be
     with pytest.raises(ValueError, match="unknown SSL method 'byol'"):
         build_ssl_model(cfg)
+
+
+def test_precision_resolves_per_device_and_view_size() -> None:
+    from models.device import cpu_bf16_supported
+    from models.ssl.training import training_precision
+
+    cpu = torch.device("cpu")
+    tiny = PretrainConfig.tiny()  # 32 px globals, 16 px locals: below the CPU bf16 floor
+    assert training_precision(tiny.replace(precision="fp32"), cpu) == "fp32"
+    assert training_precision(tiny, cpu) == "fp32"  # auto falls back rather than risk non-reproducible runs
+    if cpu_bf16_supported():
+        assert training_precision(tiny.replace(resolution=64, local_resolution=32), cpu) == "bf16"
+        assert training_precision(tiny.replace(method="simclr", resolution=32), cpu) == "bf16"  # no local views
+        with pytest.raises(ValueError, match="at least 32 px"):
+            training_precision(tiny.replace(precision="bf16"), cpu)
+    else:
+        with pytest.raises(ValueError, match="native bf16"):
+            training_precision(tiny.replace(precision="bf16", resolution=64, local_resolution=32), cpu)
+    with pytest.raises(ValueError, match="precision"):
+        PretrainConfig.tiny(precision="fp16")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_bf16_on_cpu_resumes_exactly(tmp_path: Path) -> None:
+    from models.device import cpu_bf16_supported
+
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")
+    cfg = PretrainConfig.tiny(method="dino", resolution=64, local_resolution=32, max_steps=4, checkpoint_every=2,
+                              precision="bf16")
+    data = _images(12, size=64)
+    full = pretrain(data, cfg, None, checkpoint_dir=tmp_path / "ck-full", device="cpu")
+    assert full.device.endswith("bf16") and all(np.isfinite(full.losses))
+
+    def cancel_at_2(step: int, total: int, message: str) -> None:
+        if step == 2:
+            raise Canceled
+
+    with pytest.raises(Canceled):
+        pretrain(data, cfg, None, checkpoint_dir=tmp_path / "ck", on_step=cancel_at_2, device="cpu")
+    resumed = pretrain(data, cfg, None, checkpoint_dir=tmp_path / "ck", resume=True, device="cpu")
+    assert resumed.losses == full.losses
+    fp32 = pretrain(data, cfg.replace(precision="fp32"), None, device="cpu")
+    assert fp32.device.endswith("fp32") and fp32.losses != full.losses  # bf16 really ran
