@@ -1,44 +1,70 @@
-"""The paper table: does self-supervised pretraining on synthetic chest X-rays help as much as on real ones?
+"""The paper table (issue 12, "Encoders that pay off"): does self-supervised pretraining on synthetic chest
+X-rays pay off as well as pretraining on real ones, and does either beat raw pixels?
 
-Arms (same backbone, same SSL method, steps, batch and seed for every pretrained arm):
+Arms (``ARM_SPECS``, the one list the CLI, the plan and the tables read; the same backbone, SSL method,
+steps, batch and seed for every pretrained arm, so every pretrained arm has the same budget):
 
 * ``scratch``        random initialisation (no pretraining);
-* ``real``           SSL on N real Kermany training images;
-* ``synthetic``      SSL on N synthetic images from the shipped generator (same count as ``real``);
-* ``synthetic-5x``   SSL on 5N synthetic images;
-* ``real+synthetic`` SSL on the N real plus the N synthetic images.
+* ``real``           SSL on the N real images of the training patients (``ssl_real_images``, None: all);
+* ``synthetic``      SSL on N synthetic images (the same count as ``real``);
+* ``synthetic-4x``   SSL on 4N synthetic images (``synthetic_multiplier``);
+* ``real+synthetic`` SSL on the N real plus the N synthetic images;
+* ``raw-pixels``     no encoder: L2 logistic regression on standardised 32x32 pixels with C chosen on the
+                     validation split (classification, linear mode only), the floor a frozen encoder must beat.
 
 Each arm is evaluated with the project's own evaluation code (``models.evaluation``), linear probe and
 fine-tuning, at label fractions 1%, 10% and 100%, on pneumonia classification (AUC, F1, accuracy,
-sensitivity, specificity) and lung segmentation (Dice, IoU, HD95), with bootstrap 95% CIs. Every cell
-uses the same seed, epochs and validation split.
+sensitivity, specificity) and lung segmentation (Dice, IoU, HD95), with bootstrap 95% CIs. Cells below 100%
+labels run once per seed of ``seeds_small_fractions`` (0, 1, 2): the seed is the evaluation's seed, which
+draws the label subsample, the head (decoder) initialisation and the batch order; ``models.evaluation`` uses
+the same seed for its patient-level validation split, so that varies too. The encoder is the same for every
+seed (``scratch`` is initialised from the seed). 100% runs seed 0. Tables show the mean over seeds with a
+95% CI that adds the seeds' spread to the test-set bootstrap uncertainty (:func:`combine_seeds`).
 
 Data. The official Kermany test split is withheld from this project, so a test split is carved here:
 all Kermany patients are split once, patient-level, stratified by label and seeded
 (``models.data.folders.patient_split``); classification tests on images of the test patients, lung
 segmentation on the lung-seg pairs of the same test patients (lung-seg images are Kermany images), and
-nothing of a test patient is ever used for SSL, fine-tuning or model selection. Profiles subsample the
+nothing of a test patient is ever used for SSL, fine-tuning or model selection. Profiles may subsample the
 train and test sides (stratified, seeded) to fit their budget. Caveat, stated in every output: the
-shipped generator was trained on all 5,016 Kermany training images, test patients included, so the
+shipped generators were trained on all 5,016 Kermany training images, test patients included, so the
 synthetic arms saw the test patients at one remove; the withheld official test split is the clean check.
 
-Synthetic images are sampled once (guidance 2, DPM-Solver++ 20 steps, labels in the real class balance)
-and cached outside the repository under ``--cache-dir`` keyed by generator fingerprint, count, seed and
-sampler; the 1x set is the first images of each label of the 5x set. Everything else is resumable too:
-SSL runs checkpoint, and every (backbone, arm, task, mode, fraction) cell is cached in ``cells.json`` of
-the run folder, so a killed run continues where it stopped.
+Synthetic images come from one of two sources, recorded with the results:
 
-Profiles: ``smoke`` (tiny, seconds, used by a test), ``cpu-small`` (ResNet-18 at 64 px, sized for about
-an hour on 2 idle cores) and ``gpu-full`` (ViT-S/16 and ResNet-50 at 224 px, all the data).
+* ``--synthetic PATH``: a privacy-gated WebDataset export (``cxrsynth datasets export ID --format
+  webdataset --out syn.tar``, extracted: ``shards/``, ``manifest.csv``, ``card.json``), any folder of
+  ``*.tar`` shards, or ``s3://bucket/prefix`` (keys from the AWS environment variables). The synthetic arms
+  stream from it through ``models.ssl.pretrain``; the 1x arm reads its first N samples and the 4x arm its
+  first 4N (:func:`synthetic_subset`). The export's card gives the generator and the privacy gate's verdict.
+* otherwise images are sampled in process from ``--generator`` (default ``generator-kermany-224``, the best
+  shipped one; resized to the profile resolution), once (guidance 2, DPM-Solver++ 20 steps, labels in the
+  real class balance) and cached outside the repository under ``--cache-dir`` keyed by generator
+  fingerprint, count, seed and sampler; the 1x set is the first images of each label of the 4x set.
 
-    python benchmarks/paper_table.py --profile cpu-small --plan-only     # sizes and ETA, runs nothing
-    python benchmarks/paper_table.py --profile cpu-small --probe         # time each component, write probe JSON
-    python benchmarks/paper_table.py --profile cpu-small                 # the run (resumable)
+Everything is resumable: SSL runs checkpoint, and every (backbone, arm, task, mode, fraction, seed) cell is
+cached in ``cells.json`` of the run folder (named by the profile's fingerprint and the synthetic source), so
+a killed run continues where it stopped.
 
-Outputs: a markdown table with CIs, the JSON (command, commit, machine), label-efficiency PNG plots, and
-(``cpu-small`` by default) the best arm that used no real image in pretraining exported in fp16 to
-``models/weights/encoder-synthetic-resnet18-64`` with its model card: the service serves it as a built-in
-encoder.
+Profiles: ``smoke`` (tiny, seconds, used by the tests), ``cpu-small`` (ResNet-18 at 64 px on subsets, about
+an hour on 2 idle cores), ``cpu-12`` (issue 12's CPU run: ResNet-18 at 64 px, all the data, segmentation at
+128 px, 4,700 x 32 = 150,400 image-views of SSL per pretrained arm; many hours: see ``--plan-only``) and
+``gpu-full`` (ViT-S/16 and ResNet-50 at 224 px, all the data, synthetic arms from an export of at least
+100,000 images).
+
+    python benchmarks/paper_table.py --profile cpu-12 --plan-only      # sizes and ETA, runs nothing
+    python benchmarks/paper_table.py --profile cpu-12 --probe          # time each component, write probe JSON
+    python benchmarks/paper_table.py --profile cpu-12                  # the run (resumable)
+
+``gpu-full`` on one GPU, from a 100k-image synthetic dataset exported with
+``cxrsynth datasets export ID --format webdataset --out syn100k.tar`` and extracted to ``/data/syn100k``:
+
+    python benchmarks/paper_table.py --profile gpu-full --synthetic /data/syn100k --device cuda
+
+Outputs: a markdown table with CIs, the JSON (command, commit, machine, synthetic source), label-efficiency
+PNG plots, and (``cpu-small`` and ``cpu-12`` by default) the best arm that used no real image in pretraining
+exported in fp16 to ``models/weights/encoder-synthetic-resnet18-64`` with its model card: the service serves
+it as a built-in encoder.
 """
 
 from __future__ import annotations
@@ -48,33 +74,80 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
+import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal, NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import REPO_ROOT, RESULTS_DIR, commit, machine, write_result
+from models.ssl.shards import LocalShards, ShardCount, ShardIndex, ShardSource
 
-ARMS = ("scratch", "real", "synthetic", "synthetic-5x", "real+synthetic")
-NO_REAL_ARMS = ("synthetic", "synthetic-5x")  # arms whose pretraining saw no real image
 TASKS = ("classification", "segmentation")
 MODES = ("linear", "finetune")
 PRIMARY = {"classification": "auc", "segmentation": "dice"}
-DEFAULT_GENERATOR = REPO_ROOT / "models" / "weights" / "generator-kermany-64"
+DEFAULT_GENERATOR = REPO_ROOT / "models" / "weights" / "generator-kermany-224"
+REFERENCE_GENERATOR = REPO_ROOT / "models" / "weights" / "generator-kermany-64"  # the one sampling.json timed
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxrsynth" / "paper_table"
 SHIPPED_ENCODER = REPO_ROOT / "models" / "weights" / "encoder-synthetic-resnet18-64"
-CAVEAT = ("The shipped generator was trained on all 5,016 Kermany training images, including the patients of "
+EXPORTING_PROFILES = ("cpu-small", "cpu-12")  # profiles that export the shipped encoder by default
+RAW_PIXELS = 32  # side of the raw-pixel baseline's images
+CAVEAT = ("The shipped generators were trained on all 5,016 Kermany training images, including the patients of "
           "the test split carved here, so the synthetic arms saw the test patients at one remove; the withheld "
           "official Kermany test split is the clean evaluation.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm: what its encoder is pretrained on (if anything) and which cells it has."""
+
+    name: str
+    description: str
+    pretrained: bool = True
+    real: bool = False  # the N real training-patient images are in its pretraining data
+    synthetic: Literal["none", "1x", "multiplied"] = "none"  # N or synthetic_multiplier x N synthetic images
+    tasks: tuple[str, ...] = TASKS
+    modes: tuple[str, ...] = MODES
+
+    def synthetic_count(self, n_real: int, multiplier: int) -> int:
+        """How many synthetic images its pretraining reads, given the real arm's count N."""
+        return {"none": 0, "1x": n_real, "multiplied": multiplier * n_real}[self.synthetic]
+
+
+ARM_SPECS: tuple[ArmSpec, ...] = (
+    ArmSpec("scratch", "random initialisation, no pretraining", pretrained=False),
+    ArmSpec("real", "SSL on the N real images of the training patients", real=True),
+    ArmSpec("synthetic", "SSL on N synthetic images", synthetic="1x"),
+    ArmSpec("synthetic-4x", "SSL on synthetic_multiplier (4) x N synthetic images", synthetic="multiplied"),
+    ArmSpec("real+synthetic", "SSL on the N real plus the N synthetic images", real=True, synthetic="1x"),
+    ArmSpec("raw-pixels", f"L2 logistic regression on standardised {RAW_PIXELS}x{RAW_PIXELS} pixels",
+            pretrained=False, tasks=("classification",), modes=("linear",)),
+)
+ARMS = tuple(a.name for a in ARM_SPECS)
+NO_REAL_ARMS = tuple(a.name for a in ARM_SPECS if a.pretrained and not a.real)  # SSL saw no real image
+SYNTHETIC_ARMS = tuple(a.name for a in ARM_SPECS if a.synthetic != "none")
+
+
+def arm_spec(name: str) -> ArmSpec:
+    """The registered arm ``name``; ``ValueError`` naming the known arms for any other name."""
+    for spec in ARM_SPECS:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"unknown arm {name!r}; known arms: {', '.join(ARMS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,6 +161,7 @@ class Profile:
     backbones: tuple[str, ...]
     resolution: int
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    seg_resolution: int | None = None  # lung segmentation's input size (None: ``resolution``)
     # data: None = everything on that side of the patient-level test split
     test_patient_fraction: float = 0.2
     cls_train_images: int | None = None
@@ -95,8 +169,9 @@ class Profile:
     seg_train_pairs: int | None = None
     seg_test_pairs: int | None = None
     ssl_real_images: int | None = None
-    synthetic_multiplier: int = 5
-    # synthetic sampling
+    synthetic_multiplier: int = 4  # the synthetic-4x arm reads this many times N synthetic images
+    synthetic_min_images: int = 0  # >0: the synthetic arms need a --synthetic export at least this large
+    # synthetic sampling (in process, without --synthetic)
     sampler: str = "dpmsolver++"
     sampling_steps: int = 20
     guidance: float = 2.0
@@ -109,17 +184,36 @@ class Profile:
     cls_config: dict[str, Any] = field(default_factory=dict)
     seg_config: dict[str, Any] = field(default_factory=dict)
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    seed: int = 0
+    seeds_small_fractions: tuple[int, ...] = (0, 1, 2)  # evaluation seeds of the cells below 100% labels
+    seed: int = 0  # the test split, the subsets, sampling and SSL
     # seconds, used for the ETA until a probe of this profile exists (see --probe)
     assumed_rates: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
+    def __post_init__(self) -> None:
+        if self.synthetic_multiplier < 1:
+            raise ValueError("synthetic_multiplier must be at least 1")
+        if not self.seeds_small_fractions or len(set(self.seeds_small_fractions)) != len(self.seeds_small_fractions):
+            raise ValueError("seeds_small_fractions must be distinct and not empty")
+        if self.seg_resolution is not None and self.seg_resolution < 16:
+            raise ValueError("seg_resolution must be at least 16")
+
     def fingerprint(self) -> str:
-        """Hash of the fields that change results (the arms/fractions selected on the command line do not)."""
+        """Hash of the fields that change results; the selections (fractions, seeds) and notes are left out,
+        so adding a fraction or a seed adds cells to the same run folder."""
         d = dataclasses.asdict(self)
-        for k in ("fractions", "assumed_rates", "note"):
+        for k in ("fractions", "seeds_small_fractions", "synthetic_min_images", "assumed_rates", "note"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def seeds(self, fraction: float) -> tuple[int, ...]:
+        """The evaluation seeds of a label fraction: every seed below 100%, seed 0 at 100%."""
+        return (0,) if fraction >= 1.0 else self.seeds_small_fractions
+
+    @property
+    def segmentation_resolution(self) -> int:
+        """The input size of the segmentation cells."""
+        return self.seg_resolution or self.resolution
 
 
 THIN_RESNET = {"channels": (8, 16, 32, 64), "stem_width": 8}
@@ -134,9 +228,9 @@ PROFILES: dict[str, Profile] = {
         cls_config={"epochs": 1, "batch_size": 16, "n_resamples": 100, "linear_c_grid": (0.1, 1.0)},
         seg_config={"epochs": 1, "batch_size": 8, "n_resamples": 100, "decoder_channels": (32, 16, 8, 8, 8)},
         fractions=(0.1, 1.0),
-        assumed_rates={"sample_s_per_image": 0.1, "ssl_s_per_step": 0.5, "cell_overhead_s": 0.5,
+        assumed_rates={"sample_s_per_image": 0.4, "ssl_s_per_step": 0.5, "cell_overhead_s": 0.5,
                        "cls_train_img_s": 300.0, "seg_train_img_s": 150.0, "infer_img_s": 1000.0,
-                       "decode_img_s": 500.0},
+                       "decode_img_s": 500.0, "raw_fit_img_s": 2000.0},
         note="plumbing check: tiny sizes, 3 sampling steps; its numbers mean nothing",
     ),
     "cpu-small": Profile(
@@ -147,22 +241,41 @@ PROFILES: dict[str, Profile] = {
                        "dino_output_dim": 2048, "warmup_steps": 30, "checkpoint_every": 25},
         cls_config={"epochs": 6, "batch_size": 32},
         seg_config={"epochs": 8, "batch_size": 16, "decoder_channels": (128, 64, 32, 16, 8)},
-        # the probe of this machine (docs/results/paper_table_probe-cpu-small.json), rounded
-        assumed_rates={"sample_s_per_image": 0.48, "ssl_s_per_step": 0.93, "cls_cell_overhead_s": 0.3,
+        # the probe of this machine (docs/results/paper_table_probe-cpu-small.json, 64 px generator), rounded;
+        # sampling: the 224 px generator (see cpu-12)
+        assumed_rates={"sample_s_per_image": 1.6, "ssl_s_per_step": 0.93, "cls_cell_overhead_s": 0.3,
                        "seg_cell_overhead_s": 1.7, "cls_train_img_s": 117.0, "seg_train_img_s": 81.0,
-                       "infer_img_s": 460.0, "decode_img_s": 1800.0},
+                       "infer_img_s": 460.0, "decode_img_s": 1800.0, "raw_fit_img_s": 2000.0},
         note="ResNet-18 at 64 px on subsets, sized for about an hour on 2 idle CPU cores",
+    ),
+    "cpu-12": Profile(
+        name="cpu-12", backbones=("resnet18",), resolution=64, seg_resolution=128,
+        ssl_steps=4700, ssl_batch=32,  # 150,400 image-views per pretrained arm
+        ssl_overrides={"warmup_steps": 470, "checkpoint_every": 100},  # DINO defaults: 6 local crops, 32 px
+        cls_config={"epochs": 6, "batch_size": 32},
+        seg_config={"epochs": 8, "batch_size": 16, "decoder_channels": (128, 64, 32, 16, 8)},
+        # Assumed, never measured as a whole (run --probe): SSL = docs/results/ssl_throughput.md (this
+        # config, bf16, 2 threads: 0.743 s/step); classification, inference and decoding = the cpu-small probe
+        # (same backbone and resolution); segmentation = the cpu-small probe's 64 px rates over 4 (4x the
+        # pixels at 128 px); sampling = generator-kermany-224 at 20 steps, guidance 2, timed once here under
+        # load (2.9 CPU s/image on 2 threads).
+        assumed_rates={"sample_s_per_image": 1.6, "ssl_s_per_step": 0.75, "cls_cell_overhead_s": 0.3,
+                       "seg_cell_overhead_s": 3.0, "cls_train_img_s": 117.0, "seg_train_img_s": 20.0,
+                       "infer_img_s": 460.0, "decode_img_s": 1800.0, "raw_fit_img_s": 2000.0},
+        note="issue 12's CPU run: ResNet-18 at 64 px, all the data, segmentation at 128 px, 150k image-views "
+             "of SSL per pretrained arm, 3 seeds below 100% labels",
     ),
     "gpu-full": Profile(
         name="gpu-full", backbones=("vit_small_patch16_224", "resnet50"), resolution=224,
+        synthetic_min_images=100_000,
         ssl_steps=3000, ssl_batch=256, ssl_overrides={"warmup_steps": 300, "checkpoint_every": 250},
         cls_config={"epochs": 20, "batch_size": 64}, seg_config={"epochs": 40, "batch_size": 32},
-        # guesses for one H200 (never measured: no GPU was lent to this work); run --probe on the GPU first
+        # guesses for one H100/H200 (never measured): run --probe on the GPU first
         assumed_rates={"sample_s_per_image": 0.005, "ssl_s_per_step": 0.08, "cell_overhead_s": 10.0,
                        "cls_train_img_s": 1500.0, "seg_train_img_s": 600.0, "infer_img_s": 5000.0,
-                       "decode_img_s": 2000.0},
-        note="the paper's backbones on all the data (one GPU); the shipped 64 px generator's images are "
-             "upsampled to 224 px: pass --generator with a higher-resolution generator for a faithful run",
+                       "decode_img_s": 2000.0, "raw_fit_img_s": 2000.0},
+        note="the paper's backbones at 224 px on all the data (one GPU); synthetic arms from a --synthetic "
+             "WebDataset export of at least 100,000 images",
     ),
 }
 
@@ -265,31 +378,41 @@ def prepare_data(profile: Profile, data_dir: Path, run_dir: Path) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------------------
-# Synthetic images: sampled once, cached by generator fingerprint + count + seed + sampler
+# Synthetic images sampled in process: once, cached by generator fingerprint + count + seed + sampler
 # --------------------------------------------------------------------------------------------------
 def generator_fingerprint(generator: Path) -> str:
-    """SHA-256 (16 hex) of the files that decide what a generator samples."""
+    """SHA-256 (16 hex) of the files that decide what a generator samples: its configs and weights, in the
+    pixel layout or the latent one (``unet/``, ``vae/``, ``scheduler/``); the privacy indexes are left out."""
+    files = sorted(p for p in generator.rglob("*") if p.is_file() and not p.name.startswith("privacy")
+                   and (p.suffix == ".json" or p.name == "diffusion_pytorch_model.safetensors"))
+    if not files:
+        raise SystemExit(f"{generator} holds no generator (no config or weights): pass --generator")
     h = hashlib.sha256()
-    for name in ("cxrsynth.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors"):
-        path = generator / name
-        h.update(name.encode() + b"\0")
-        h.update(path.read_bytes() if path.is_file() else b"")
+    for path in files:
+        h.update(path.relative_to(generator).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def synthetic_cache_key(profile: Profile, generator: Path, total: int) -> str:
+    """The cache folder name of ``total`` images sampled from ``generator`` with the profile's sampler."""
+    return (f"{generator.name}-{generator_fingerprint(generator)}-n{total}-seed{profile.seed}-"
+            f"{profile.sampler}{profile.sampling_steps}-g{profile.guidance:g}")
 
 
 def synthetic_set(
     profile: Profile, generator: Path, counts: dict[str, int], cache_dir: Path, device: str,
     log: Callable[[str], None] = print, chunk: int = 64,
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """``sum(counts)`` synthetic images ``(N, R, R)`` uint8 with their labels, from cache or sampled now.
+    """``sum(counts)`` synthetic images ``(N, R, R)`` uint8 (the generator's resolution) with their labels,
+    from cache or sampled now.
 
     Sampled in chunks of ``chunk`` images (each saved when done, so a killed run keeps what it made);
     image ``i`` comes from seed ``(profile.seed, i)`` whatever the chunking."""
     from models.diffusion import CXRDiffusionPipeline, plan_generation
 
     total = sum(counts.values())
-    key = (f"{generator.name}-{generator_fingerprint(generator)}-n{total}-seed{profile.seed}-"
-           f"{profile.sampler}{profile.sampling_steps}-g{profile.guidance:g}")
+    key = synthetic_cache_key(profile, generator, total)
     folder = cache_dir / "synthetic" / key
     final = folder / "images.npz"
     info = {"cache_key": key, "generator": generator.name, "images": total, "counts": counts,
@@ -328,9 +451,13 @@ def synthetic_set(
     return images, labels, {**info, **meta}
 
 
-def write_image_folder(images: np.ndarray, labels: Sequence[str], root: Path, prefix: str) -> Path:
-    """PNGs ``root/<label>/<prefix>-<i>.png`` (idempotent: a complete folder is left as is)."""
+def write_image_folder(images: np.ndarray, labels: Sequence[str], root: Path, prefix: str,
+                       resolution: int | None = None) -> Path:
+    """PNGs ``root/<label>/<prefix>-<i>.png``, resized to ``resolution`` (idempotent: a complete folder is
+    left as is). Resizing here, as ``models.data.folders.resize_grey`` would at load, keeps the folder small."""
     from PIL import Image
+
+    from models.data.folders import resize_grey
 
     marker = root / ".complete"
     if marker.is_file():
@@ -338,44 +465,299 @@ def write_image_folder(images: np.ndarray, labels: Sequence[str], root: Path, pr
     for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
         d = root / lab
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8)).save(d / f"{prefix}-{i:06d}.png")
+        im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
+        if resolution is not None and im.size != (resolution, resolution):
+            im = resize_grey(im, resolution)
+        im.save(d / f"{prefix}-{i:06d}.png")
     marker.write_text("")
     return root
 
 
-def ssl_folders(profile: Profile, run_dir: Path, data: dict[str, Any], generator: Path, cache_dir: Path,
-                device: str, log: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The pretraining folder of every pretrained arm (synthetic images sampled or read from the cache)."""
+def _combine(folders: Sequence[Path], dest: Path) -> Path:
+    """One ImageFolder of symlinks to the images of ``folders`` (names prefixed by their folder; idempotent)."""
+    if not (dest / ".complete").is_file():
+        for src in folders:
+            for f in sorted(src.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    _link(f, dest / f.parent.name / f"{src.name}-{f.name}")
+        (dest / ".complete").write_text("")
+    return dest
+
+
+def _sampled_synthetic(profile: Profile, generator: Path, data: dict[str, Any], base: Path, cache_dir: Path,
+                       device: str, log: Callable[[str], None]) -> tuple[Path, Path, dict[str, Any]]:
+    """The 1x and multiplied synthetic folders sampled in process (the 1x set: the first images of each label
+    of the multiplied set, exactly the real class counts) and their description."""
     real_counts = {k.lower(): int(v) for k, v in data["ssl_real"]["counts"].items()}
     mult = profile.synthetic_multiplier
     images, labels, info = synthetic_set(profile, generator, {k: v * mult for k, v in real_counts.items()},
                                          cache_dir, device, log)
-    # 1x: the first images of each label of the 5x set (exactly the real class counts)
     seen: Counter[str] = Counter()
     one_x = []
     for i, lab in enumerate(labels):
         if seen[lab] < real_counts.get(lab, 0):
             one_x.append(i)
             seen[lab] += 1
+    syn1 = write_image_folder(images[one_x], [labels[i] for i in one_x], base / "ssl_synthetic", "syn",
+                              profile.resolution)
+    synm = write_image_folder(images, labels, base / f"ssl_synthetic_{mult}x", "syn", profile.resolution)
+    info = {**info, "source": "sampled in process", "generator_path": _display(generator),
+            "resized_to": profile.resolution}
+    return syn1, synm, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic images from a WebDataset export (--synthetic), streamed
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticExport:
+    """The WebDataset shards given with ``--synthetic``: where they are, what they hold, the export's card."""
+
+    location: str  # the folder or s3:// URL as given
+    index: ShardIndex
+    card: dict[str, Any] | None
+
+    def identity(self) -> str:
+        """8 hex naming it in the run folder: from the card's dataset version (the SHA-256 of its manifest),
+        else from the shard names and their sample counts."""
+        version = ((self.card or {}).get("dataset") or {}).get("version")
+        basis = version or json.dumps([self.index.source.name, self.index.shards, self.index.counts])
+        return hashlib.sha256(str(basis).encode()).hexdigest()[:8]
+
+    def describe(self) -> dict[str, Any]:
+        """What the results record about the source (the generator and gate verdict come from the card)."""
+        card = self.card or {}
+        ds, gen, privacy = card.get("dataset") or {}, card.get("generator") or {}, card.get("privacy") or {}
+        where = self.location if self.location.startswith("s3://") else _display(Path(self.location))
+        return {
+            "source": "webdataset export", "location": where, "images_in_export": self.index.num_samples,
+            "labels_in_export": self.index.labels, "shards": len(self.index.shards),
+            "counted_from": self.index.counted_from, "card": "card.json" if self.card else None,
+            "dataset": {k: ds.get(k) for k in ("id", "name", "version", "origin")} if ds else None,
+            "generator": {k: gen.get(k) for k in ("id", "name", "resolution")} if gen else None,
+            "generation": card.get("generation"),
+            "privacy_gate": privacy.get("gate_status"), "privacy_summary": privacy.get("summary"),
+        }
+
+
+def open_synthetic(location: str) -> SyntheticExport:
+    """Index the shards of ``--synthetic`` (a folder of ``*.tar``, an export folder with ``shards/``, or
+    ``s3://bucket/prefix``) and read the export's ``card.json``; ``SystemExit`` naming the problem otherwise."""
+    from models.ssl.data import shard_source
+    from models.ssl.shards import index_shards
+
+    source = shard_source(location if location.startswith("s3://") else Path(location))
+    if source is None:
+        hint = " (an export archive? extract it with tar -xf, then pass the folder)" if location.endswith(".tar") \
+            and Path(location).is_file() else ""
+        raise SystemExit(f"--synthetic {location}: not a folder of WebDataset shards (*.tar, or an export with "
+                         f"shards/) nor an s3:// URL{hint}")
+    try:
+        return SyntheticExport(location, index_shards(source), _read_card(source))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"--synthetic {location}: {exc}") from exc
+
+
+def _read_card(source: ShardSource) -> dict[str, Any] | None:
+    """The export's ``card.json`` beside its shards (folder or S3 prefix), or None when there is none."""
+    from models.ssl.shards import S3Shards
+
+    if isinstance(source, LocalShards):
+        path = source.root / "card.json"
+        return dict(json.loads(path.read_text())) if path.is_file() else None
+    if isinstance(source, S3Shards):
+        from minio.error import S3Error
+
+        try:
+            response = source.client().get_object(source.bucket, source.prefix + "card.json")
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return None
+            raise
+        try:
+            return dict(json.loads(response.read()))
+        finally:
+            response.close()
+            response.release_conn()
+    return None
+
+
+TAIL_SHARD = "subset-tail.tar"
+
+
+class SubsetShards(ShardSource):
+    """The first samples of a shard source, as ``models.ssl.pretrain`` accepts it: the leading whole shards
+    are read where they are (folder or S3, streamed), and the first samples of the next shard come from a
+    local copy (``tail``), because a tar cannot be cut mid-stream."""
+
+    def __init__(self, base: ShardSource, shards: Sequence[str], counts: Sequence[int], tail: Path | None,
+                 n: int) -> None:
+        self.base, self.shards, self.counts, self.tail = base, tuple(shards), tuple(counts), tail
+        self.name = f"{base.name} (first {n:,} samples)"
+        self.cheap_count = base.cheap_count
+
+    def list_shards(self) -> list[str]:
+        """The whole shards, then the tail copy."""
+        return [*self.shards, *([TAIL_SHARD] if self.tail is not None else [])]
+
+    def open(self, shard: str) -> AbstractContextManager[IO[bytes]]:
+        """The base's shard, or the local tail copy."""
+        if shard == TAIL_SHARD and self.tail is not None:
+            return self.tail.open("rb")
+        return self.base.open(shard)
+
+    def open_manifest(self) -> AbstractContextManager[IO[bytes]] | None:
+        """None: the counts come from :meth:`count`."""
+        return None
+
+    def where(self, shard: str) -> str:
+        """The full location of a shard."""
+        return str(self.tail) if shard == TAIL_SHARD else self.base.where(shard)
+
+    def count(self, shard: str, read_labels: bool) -> ShardCount:
+        """Walk a local shard; a remote whole shard's count is the one its export indexed (no second download:
+        training checks it again as it reads)."""
+        if shard == TAIL_SHARD and self.tail is not None:
+            return LocalShards(self.tail.parent).count(self.tail.name, read_labels)
+        if self.base.cheap_count:
+            return self.base.count(shard, read_labels)
+        return ShardCount(self.counts[self.shards.index(shard)])
+
+
+def copy_first_samples(source: ShardSource, shard: str, k: int, dest: Path) -> None:
+    """Write the first ``k`` samples of ``shard`` (all their members, bytes as stored) to the tar ``dest``."""
+    from webdataset.tariterators import base_plus_ext
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    samples, current = 0, None
+    with source.open(shard) as raw, tarfile.open(fileobj=raw, mode="r|") as tin, tarfile.open(tmp, "w") as tout:
+        for member in tin:
+            key = base_plus_ext(member.name)[0] if member.isreg() else None
+            if key is None or ("/" not in member.name and member.name.startswith("__")):
+                continue  # not part of a sample (as webdataset's tar iterator skips it)
+            if key != current:
+                if samples == k:
+                    break
+                samples, current = samples + 1, key
+            tout.addfile(member, tin.extractfile(member))
+    if samples < k:
+        tmp.unlink()
+        raise ValueError(f"{source.where(shard)} holds {samples} samples, {k} were needed")
+    tmp.replace(dest)
+
+
+def synthetic_subset(export: SyntheticExport, n: int, work_dir: Path) -> str | ShardSource:
+    """The first ``n`` samples of ``export`` (in shard order) as ``models.ssl.pretrain`` takes them: the export's
+    location when that is all of it, else a :class:`SubsetShards` (its tail copy under ``work_dir``)."""
+    index = export.index
+    if n > index.num_samples:
+        raise SystemExit(f"--synthetic {export.location} holds {index.num_samples:,} images; {n:,} are needed")
+    if n == index.num_samples:
+        return export.location
+    shards: list[str] = []
+    taken = 0
+    for shard, count in zip(index.shards, index.counts, strict=True):
+        if taken + count > n:
+            break
+        shards.append(shard)
+        taken += count
+    tail = None
+    if taken < n:
+        shard = index.shards[len(shards)]
+        tail = work_dir / f"first-{n}" / f"{Path(shard).stem}-first-{n - taken}.tar"
+        if not tail.is_file():
+            copy_first_samples(index.source, shard, n - taken, tail)
+    return SubsetShards(index.source, shards, index.counts[:len(shards)], tail, n)
+
+
+def write_shard_images(data: str | ShardSource, root: Path) -> Path:
+    """Every image of shards as a file ``root/<label>/syn-<shard>-<key>.<ext>`` (the bytes as stored; the label
+    from the sample's ``.json``, else ``.cls``; idempotent): the real+synthetic arm's synthetic half."""
+    from models.ssl.data import shard_source
+    from models.ssl.shards import index_shards, iter_samples, require_image
+
+    marker = root / ".complete"
+    if marker.is_file():
+        return root
+    source = shard_source(data)
+    if source is None:
+        raise ValueError(f"{data} is not WebDataset shards")
+    index = index_shards(source)
+    for shard, count in zip(index.shards, index.counts, strict=True):
+        for sample in iter_samples(index.source, shard, count):
+            key = str(sample["__key__"])
+            ext = require_image(sample, key, index.source.where(shard))
+            label = _sample_label(sample)
+            (root / label).mkdir(parents=True, exist_ok=True)
+            name = f"syn-{Path(shard).stem}-{key}".replace("/", "_")
+            (root / label / f"{name}.{ext}").write_bytes(sample[ext])
+    marker.write_text("")
+    return root
+
+
+def _sample_label(sample: dict[str, Any]) -> str:
+    """A sample's label as a folder name: ``label`` of its ``.json``, else its ``.cls``, else ``unlabelled``."""
+    label = ""
+    if "json" in sample:
+        obj = json.loads(sample["json"] or b"{}")
+        label = str(obj.get("label") or "") if isinstance(obj, dict) else ""
+    if not label and "cls" in sample:
+        label = sample["cls"].decode().strip()
+    label = "".join(c for c in label.lower() if c.isalnum() or c in "-_")
+    return label or "unlabelled"
+
+
+def _export_synthetic(profile: Profile, export: SyntheticExport, n_real: int, arms: Sequence[str], base: Path,
+                      log: Callable[[str], None]) -> tuple[dict[str, str | ShardSource], Path | None, dict[str, Any]]:
+    """The synthetic arms' data from the export: ``{"1x": ..., "multiplied": ...}`` (only those the arms use),
+    the 1x images as a folder when ``real+synthetic`` needs them, and the source's description."""
+    scales = {arm_spec(a).synthetic for a in arms} - {"none"}
+    counts = {"1x": n_real, "multiplied": profile.synthetic_multiplier * n_real}
+    data: dict[str, str | ShardSource] = {
+        s: synthetic_subset(export, counts[s], base / "synthetic_subsets") for s in sorted(scales)}
+    folder = None
+    if any(arm_spec(a).real and arm_spec(a).synthetic != "none" for a in arms):
+        folder = write_shard_images(data["1x"], base / "ssl_synthetic_export_1x")
+    firsts = ", ".join(f"{counts[s]:,}" for s in sorted(scales))
+    log(f"  synthetic: WebDataset {export.location} ({export.index.num_samples:,} images, "
+        f"{len(export.index.shards)} shards); the arms read its first {firsts}")
+    return data, folder, export.describe()
+
+
+def ssl_data(profile: Profile, run_dir: Path, data: dict[str, Any], arms: Sequence[str],
+             synthetic: SyntheticExport | None, generator: Path, cache_dir: Path, device: str,
+             log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What each selected pretrained arm pretrains on (a folder, a shard folder or URL, or a shard subset),
+    and the description of the synthetic source that goes into the results."""
     base = run_dir / "data"
-    syn1 = write_image_folder(images[one_x], [labels[i] for i in one_x], base / "ssl_synthetic", "syn")
-    syn5 = write_image_folder(images, labels, base / f"ssl_synthetic_{mult}x", "syn")
-    both = base / "ssl_real_synthetic"
-    if not (both / ".complete").is_file():
-        for src in (base / "ssl_real", syn1):
-            for f in sorted(src.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
-                    _link(f, both / f.parent.name / f"{src.name}-{f.name}")
-        (both / ".complete").write_text("")
-    folders = {"real": base / "ssl_real", "synthetic": syn1, "synthetic-5x": syn5, "real+synthetic": both}
-    info = {**info, "one_x": len(one_x), "five_x": len(labels)}
-    return folders, info
+    n_real = int(data["ssl_real"]["images"])
+    mult = profile.synthetic_multiplier
+    table: dict[str, Any] = {"real": base / "ssl_real"}
+    info: dict[str, Any] = {"source": "none (no synthetic arm selected)"}
+    if any(a in SYNTHETIC_ARMS for a in arms):
+        if synthetic is None:
+            syn1, synm, info = _sampled_synthetic(profile, generator, data, base, cache_dir, device, log)
+            by_scale: dict[str, Any] = {"1x": syn1, "multiplied": synm}
+            one_x_folder: Path | None = syn1
+        else:
+            by_scale, one_x_folder, info = _export_synthetic(profile, synthetic, n_real, arms, base, log)
+        for spec in ARM_SPECS:
+            if spec.name in arms and spec.synthetic != "none" and not spec.real:
+                table[spec.name] = by_scale[spec.synthetic]
+        if "real+synthetic" in arms:
+            assert one_x_folder is not None
+            table["real+synthetic"] = _combine([base / "ssl_real", one_x_folder], base / "ssl_real_synthetic")
+        info = {**info, "one_x": n_real, "multiplied": mult * n_real, "multiplier": mult}
+    return {a: table[a] for a in arms if arm_spec(a).pretrained}, info
 
 
 # --------------------------------------------------------------------------------------------------
 # Pretraining and cells
 # --------------------------------------------------------------------------------------------------
 def pretrain_config(profile: Profile, backbone: str) -> Any:
+    """The :class:`models.ssl.PretrainConfig` of every pretrained arm of ``backbone`` (``precision`` is left at
+    its default, ``auto``: bf16 on CUDA and on CPUs with native bf16)."""
     from models.ssl import PretrainConfig
 
     overrides = dict(profile.ssl_overrides)
@@ -386,16 +768,26 @@ def pretrain_config(profile: Profile, backbone: str) -> Any:
                           max_steps=profile.ssl_steps, batch_size=profile.ssl_batch, seed=profile.seed, **overrides)
 
 
-def pretrain_arm(profile: Profile, backbone: str, arm: str, folder: Path, run_dir: Path, device: str,
+def encoder_dir(run_dir: Path, backbone: str, arm: str) -> Path:
+    """Where an arm's pretrained encoder is exported in the run folder."""
+    return run_dir / "encoders" / backbone / arm.replace("+", "_")
+
+
+def pretrain_arm(profile: Profile, backbone: str, arm: str, data: Any, run_dir: Path, device: str,
                  log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """The arm's encoder folder (pretrained now, resumed from its checkpoint, or already there)."""
+    """The arm's encoder folder (pretrained now, resumed from its checkpoint, or already there).
+
+    ``data`` is anything ``models.ssl.pretrain`` takes: an image folder, a folder of WebDataset shards or an
+    ``s3://`` URL (streamed), or a :class:`SubsetShards`."""
     from models.ssl import pretrain, read_encoder_config
 
-    out = run_dir / "encoders" / backbone / arm.replace("+", "_")
+    if not arm_spec(arm).pretrained:
+        raise ValueError(f"arm {arm!r} has no pretraining")
+    out = encoder_dir(run_dir, backbone, arm)
     if (out / "config.json").is_file():
         pre = read_encoder_config(out)["pretraining"]
         return out, {"steps": pre["steps"], "wall_seconds": pre["wall_seconds"], "images": pre["data"]["num_images"],
-                     "final_loss": pre.get("final_loss")}
+                     "data": pre["data"].get("source"), "final_loss": pre.get("final_loss")}
     ckpt = run_dir / "checkpoints" / backbone / arm.replace("+", "_")
     resume = (ckpt / "checkpoint.pt").is_file()
     last = [0.0]
@@ -406,9 +798,9 @@ def pretrain_arm(profile: Profile, backbone: str, arm: str, folder: Path, run_di
             last[0] = now
             log(f"  [{arm}] step {step}/{total}: {message}")
 
-    log(f"pretraining {arm} ({profile.ssl_method}, {backbone}, {profile.ssl_steps} steps)"
+    log(f"pretraining {arm} ({profile.ssl_method}, {backbone}, {profile.ssl_steps} steps x {profile.ssl_batch})"
         + (" - resuming" if resume else ""))
-    result = pretrain(folder, pretrain_config(profile, backbone), out, checkpoint_dir=ckpt, resume=resume,
+    result = pretrain(data, pretrain_config(profile, backbone), out, checkpoint_dir=ckpt, resume=resume,
                       on_step=on_step, device=device,
                       notes=f"Arm `{arm}` of benchmarks/paper_table.py (profile {profile.name}).")
     cfg_path = out / "config.json"
@@ -417,17 +809,47 @@ def pretrain_arm(profile: Profile, backbone: str, arm: str, folder: Path, run_di
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
     return out, {"steps": result.steps, "wall_seconds": round(result.wall_seconds, 1),
-                 "images": result.data.num_images, "final_loss": result.final_loss}
+                 "images": result.data.num_images, "data": result.data.source, "final_loss": result.final_loss}
 
 
-def cell_key(backbone: str, arm: str, task: str, mode: str, fraction: float) -> str:
+def group_key(backbone: str, arm: str, task: str, mode: str, fraction: float) -> str:
+    """The key of a (backbone, arm, task, mode, fraction) group: its cells differ by seed only."""
     return f"{backbone}|{arm}|{task}|{mode}|{fraction:g}"
 
 
-def run_cell(profile: Profile, backbone: str, arm: str, encoder: str | Path, task: str, mode: str, fraction: float,
-             run_dir: Path, device: str, report_dir: Path | None = None) -> dict[str, Any]:
-    """One evaluation with the profile's config; returns the cell summary (the full report is kept too, in
-    ``report_dir``, default ``run_dir/reports``)."""
+def cell_key(backbone: str, arm: str, task: str, mode: str, fraction: float, seed: int = 0) -> str:
+    """The key of one cell in ``cells.json``."""
+    return f"{group_key(backbone, arm, task, mode, fraction)}|{seed}"
+
+
+class Cell(NamedTuple):
+    """One evaluation: an arm's encoder of one backbone on one task, mode, label fraction and seed."""
+
+    backbone: str
+    arm: str
+    task: str
+    mode: str
+    fraction: float
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        """Its key in ``cells.json``."""
+        return cell_key(*self)
+
+
+def plan_cells(profile: Profile, arms: Sequence[str], tasks: Sequence[str], modes: Sequence[str],
+               fractions: Sequence[float]) -> list[Cell]:
+    """Every cell of a selection: each arm's own tasks and modes, each fraction's seeds (``Profile.seeds``)."""
+    specs = [arm_spec(a) for a in arms]
+    return [Cell(b, s.name, t, m, f, seed) for b in profile.backbones for s in specs for t in tasks if t in s.tasks
+            for m in modes if m in s.modes for f in fractions for seed in profile.seeds(f)]
+
+
+def run_cell(profile: Profile, cell: Cell, encoder: str | Path | None, run_dir: Path, device: str,
+             report_dir: Path | None = None) -> dict[str, Any]:
+    """One evaluation with the profile's config and the cell's seed; returns the cell summary (the full
+    report is kept too, in ``report_dir``, default ``run_dir/reports``)."""
     from models.evaluation import (
         ClassificationConfig,
         SegmentationConfig,
@@ -435,20 +857,26 @@ def run_cell(profile: Profile, backbone: str, arm: str, encoder: str | Path, tas
         evaluate_segmentation,
     )
 
+    report_path = (report_dir or run_dir / "reports") / f"{cell.key.replace('|', '__')}.json"
+    if cell.arm == "raw-pixels":
+        return raw_pixel_cell(profile, cell, run_dir, report_path)
+    if encoder is None:
+        raise ValueError(f"arm {cell.arm!r} needs an encoder")
     data = run_dir / "data"
-    scratch: dict[str, Any] = {"scratch_model": backbone, "scratch_kwargs": dict(profile.backbone_kwargs)}
-    report_path = (report_dir or run_dir / "reports") / \
-        f"{cell_key(backbone, arm, task, mode, fraction).replace('|', '__')}.json"
-    if task == "classification":
-        cfg = ClassificationConfig(resolution=profile.resolution, seed=profile.seed, **scratch, **profile.cls_config)
-        report = evaluate_classification(encoder, data / "cls_train", data / "cls_test", mode=mode,  # type: ignore[arg-type]
-                                         label_fraction=fraction, config=cfg, json_path=report_path, device=device)
+    common: dict[str, Any] = {"seed": cell.seed, "scratch_model": cell.backbone,
+                              "scratch_kwargs": dict(profile.backbone_kwargs)}
+    if cell.task == "classification":
+        cfg = ClassificationConfig(resolution=profile.resolution, **common, **profile.cls_config)
+        report = evaluate_classification(encoder, data / "cls_train", data / "cls_test", mode=cell.mode,  # type: ignore[arg-type]
+                                         label_fraction=cell.fraction, config=cfg, json_path=report_path,
+                                         device=device)
     else:
-        scfg = SegmentationConfig(resolution=profile.resolution, seed=profile.seed, **scratch, **profile.seg_config)
-        report = evaluate_segmentation(encoder, data / "seg_train", data / "seg_test", mode=mode,  # type: ignore[arg-type]
-                                       label_fraction=fraction, config=scfg, json_path=report_path, device=device)
+        scfg = SegmentationConfig(resolution=profile.segmentation_resolution, **common, **profile.seg_config)
+        report = evaluate_segmentation(encoder, data / "seg_train", data / "seg_test", mode=cell.mode,  # type: ignore[arg-type]
+                                       label_fraction=cell.fraction, config=scfg, json_path=report_path,
+                                       device=device)
     return {
-        "backbone": backbone, "arm": arm, "task": task, "mode": mode, "label_fraction": fraction,
+        **_cell_fields(cell),
         "metrics": {k: {"value": v["value"], "low": v["low"], "high": v["high"]} for k, v in report["metrics"].items()},
         "train_images": report["split"]["train"], "val_images": report["split"]["val"],
         "test_images": report["split"]["test"], "selected": report["model_selection"]["chosen"],
@@ -456,27 +884,172 @@ def run_cell(profile: Profile, backbone: str, arm: str, encoder: str | Path, tas
     }
 
 
+def _cell_fields(cell: Cell) -> dict[str, Any]:
+    return {"backbone": cell.backbone, "arm": cell.arm, "task": cell.task, "mode": cell.mode,
+            "label_fraction": cell.fraction, "seed": cell.seed}
+
+
+# --------------------------------------------------------------------------------------------------
+# The raw-pixel baseline
+# --------------------------------------------------------------------------------------------------
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """``(N, R, R)`` uint8 images as ``(N, R*R)`` floats in [0, 1]."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def fit_pixel_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                    c_grid: Iterable[float]) -> tuple[Any, dict[str, Any]]:
+    """Standardised features and an L2, class-balanced logistic regression (scikit-learn) for each C of
+    ``c_grid``; keeps the C with the best validation AUC (ties: the smaller C, stronger regularisation).
+
+    The frozen-feature probe of ``models.evaluation`` fits the same head the same way, on encoder features;
+    here it is fitted on pixels. Returns the fitted pipeline and the selection record."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from models.evaluation import auc_rows
+
+    best: tuple[float, float, Any] | None = None
+    candidates = []
+    for c in sorted(float(c) for c in c_grid):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+        model.fit(x_train, y_train)
+        auc = float(auc_rows(model.predict_proba(x_val)[:, 1], y_val)[0])
+        candidates.append({"C": c, "validation_auc": auc})
+        if best is None or auc > best[0]:
+            best = (auc, c, model)
+    if best is None:
+        raise ValueError("c_grid is empty")
+    return best[2], {"chosen": {"C": best[1]}, "validation_auc": best[0], "candidates": candidates,
+                     "head": f"logistic regression (L2, class-balanced) on standardised {RAW_PIXELS}x{RAW_PIXELS} "
+                             "pixels"}
+
+
+def raw_pixel_cell(profile: Profile, cell: Cell, run_dir: Path, report_path: Path) -> dict[str, Any]:
+    """The raw-pixel baseline's cell: the frozen-feature probes' training subset, validation split (the same
+    ``models.evaluation.validation_split`` call and seed), threshold rule and test metrics, on 32x32 pixels."""
+    from models.data.folders import images_to_array, list_image_folder
+    from models.evaluation import (
+        ClassificationConfig,
+        binary_labels,
+        choose_threshold,
+        classification_metrics_with_ci,
+        validation_split,
+    )
+
+    t0 = time.perf_counter()
+    cfg = ClassificationConfig(seed=cell.seed, **profile.cls_config)
+    data = run_dir / "data"
+    train_records, test_records = list_image_folder(data / "cls_train"), list_image_folder(data / "cls_test")
+    y_pool, names = binary_labels(train_records, cfg.positive_label, "the cls_train folder")
+    y_test, _ = binary_labels(test_records, names[1], "the cls_test folder")
+    split = validation_split(train_records, val_fraction=cfg.val_fraction, label_fraction=cell.fraction,
+                             seed=cell.seed)
+    row = {r.path: i for i, r in enumerate(train_records)}
+    y_train, y_val = (y_pool[[row[r.path] for r in part]] for part in (split.train, split.val))
+    x_train, x_val, x_test = (pixel_features(images_to_array([r.path for r in rs], RAW_PIXELS, "pad", threads=2))
+                              for rs in (split.train, split.val, test_records))
+    model, selection = fit_pixel_probe(x_train, y_train, x_val, y_val, cfg.linear_c_grid)
+    p_val, p_test = (model.predict_proba(x)[:, 1] for x in (x_val, x_test))
+    threshold = choose_threshold(p_val, y_val, cfg.threshold_rule)
+    metrics = classification_metrics_with_ci(p_test, y_test, threshold, n_resamples=cfg.n_resamples,
+                                             confidence=cfg.confidence, seed=cell.seed)
+    summary = {
+        **_cell_fields(cell),
+        "metrics": {k: {"value": v.value, "low": v.low, "high": v.high} for k, v in metrics.items()},
+        "train_images": len(split.train), "val_images": len(split.val), "test_images": len(test_records),
+        "selected": selection["chosen"], "wall_seconds": round(time.perf_counter() - t0, 2),
+        "report": report_path.name,
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps({**summary, "model_selection": {"criterion": "validation AUC", **selection},
+                                       "threshold": {"rule": cfg.threshold_rule, "value": threshold}},
+                                      indent=2) + "\n")
+    return summary
+
+
 class CellStore:
-    """``cells.json`` of a run folder: one entry per finished cell, written atomically after each."""
+    """``cells.json`` of a run folder: one entry per finished cell, written atomically after each.
+
+    Entries written before cells had seeds (keys of five fields) are read as seed 0."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.cells: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+        raw: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.cells = dict(_with_seed(k, v) for k, v in raw.items())
 
     def __contains__(self, key: str) -> bool:
         return key in self.cells
 
     def put(self, key: str, value: dict[str, Any]) -> None:
+        """Store one cell and rewrite the file."""
         self.cells[key] = value
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.cells, indent=1, allow_nan=True) + "\n")
         tmp.replace(self.path)
 
 
+def _with_seed(key: str, value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if key.count("|") == 4:  # backbone|arm|task|mode|fraction: from before seeds
+        return f"{key}|0", {**value, "seed": 0}
+    return key, value
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds: one estimate per group of cells
+# --------------------------------------------------------------------------------------------------
+Z95 = 1.959963984540054  # the 97.5% normal quantile: a 95% interval is +-Z95 standard errors
+UNIT_METRICS = frozenset({"auc", "f1", "accuracy", "sensitivity", "specificity", "dice", "iou"})  # in [0, 1]
+SEED_CI_WORDS = ("mean over the seeds; 95% CI = mean ± 1.96 √(mean of the seeds' bootstrap variances + "
+                 "variance of the seeds / k), each seed's bootstrap SE = its 95% CI width / 3.92")
+
+
+def combine_seeds(estimates: Sequence[dict[str, float]], bounds: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
+    """One estimate from a metric measured at k evaluation seeds, each with a 95% bootstrap CI on the same test set.
+
+    Point: the mean of the seeds' values. Interval: the mean ± 1.96 √(mean_i se_i² + s²/k), with se_i the
+    seed's bootstrap standard error (its CI width / 3.92, a normal approximation of the percentile CI) and s
+    the standard deviation of the k values. The test-set part is not divided by k: every seed scores the same
+    test images, so that error does not average out (the mean of the variances bounds it from above); the
+    seed part is the standard error of a mean of k seeds. Clipped to ``bounds``; one seed keeps its own CI;
+    NaN values (metric undefined) are left out."""
+    ok = [e for e in estimates if e["value"] == e["value"]]
+    if not ok:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n_seeds": 0, "seed_sd": 0.0}
+    if len(ok) == 1:
+        return {"value": ok[0]["value"], "low": ok[0]["low"], "high": ok[0]["high"], "n_seeds": 1, "seed_sd": 0.0}
+    values = np.array([e["value"] for e in ok], dtype=np.float64)
+    se = np.array([(e["high"] - e["low"]) / (2 * Z95) for e in ok], dtype=np.float64)
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
+    half = Z95 * math.sqrt(float(np.mean(se**2)) + sd**2 / len(ok))
+    return {"value": mean, "low": max(bounds[0], mean - half), "high": min(bounds[1], mean + half),
+            "n_seeds": len(ok), "seed_sd": sd}
+
+
+def aggregate_cells(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The cells grouped by (backbone, arm, task, mode, fraction), every metric combined over the seeds
+    (:func:`combine_seeds`); keyed by :func:`group_key`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in cells.values():
+        groups.setdefault(group_key(c["backbone"], c["arm"], c["task"], c["mode"], c["label_fraction"]), []).append(c)
+    out = {}
+    for key, members in groups.items():
+        members = sorted(members, key=lambda c: int(c.get("seed", 0)))
+        first = members[0]
+        metrics = {name: combine_seeds([c["metrics"][name] for c in members],
+                                       (0.0, 1.0) if name in UNIT_METRICS else (0.0, math.inf))
+                   for name in first["metrics"]}
+        out[key] = {k: first[k] for k in ("backbone", "arm", "task", "mode", "label_fraction")} | {
+            "seeds": [int(c.get("seed", 0)) for c in members], "metrics": metrics}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Plan, ETA and probe
 # --------------------------------------------------------------------------------------------------
 def probe_path(profile: Profile) -> Path:
+    """Where ``--probe`` writes its measured rates."""
     return RESULTS_DIR / f"paper_table_probe-{profile.name}.json"
 
 
@@ -487,19 +1060,21 @@ def rates_for(profile: Profile) -> tuple[dict[str, float], str]:
         doc = json.loads(path.read_text())
         if doc.get("machine", {}).get("cpu") == machine().get("cpu") and doc.get("profile_fingerprint") == \
                 profile.fingerprint():
-            return {**profile.assumed_rates, **doc["rates"]}, f"measured ({path.relative_to(REPO_ROOT)})"
-    return dict(profile.assumed_rates), "assumed (no probe of this profile on this machine: run --probe)"
+            return {**profile.assumed_rates, **doc["rates"]}, f"measured ({_display(path)})"
+    return dict(profile.assumed_rates), "ASSUMED, not measured here (run --probe to measure them on this machine)"
 
 
-def _cell_seconds(task: str, mode: str, fraction: float, epochs: int, sizes: dict[str, int],
-                  rates: dict[str, float]) -> float:
+def _cell_seconds(cell: Cell, epochs: int, sizes: dict[str, int], rates: dict[str, float]) -> float:
     """Predicted seconds of one evaluation cell from the component rates (see :func:`probe`)."""
+    task, mode, fraction = cell.task, cell.mode, cell.fraction
     n_pool, n_test = (sizes["cls_train"], sizes["cls_test"]) if task == "classification" else (
         sizes["seg_train"], sizes["seg_test"])
     n_val, n_train = 0.2 * n_pool, max(2.0, fraction * 0.8 * n_pool)
     overhead = rates.get("cls_cell_overhead_s" if task == "classification" else "seg_cell_overhead_s",
                          rates.get("cell_overhead_s", 0.0))
     t = overhead + (n_pool + n_test) / rates["decode_img_s"]
+    if cell.arm == "raw-pixels":  # one logistic regression per C of the grid
+        return t + 5 * (n_train + n_val) / rates.get("raw_fit_img_s", 2000.0)
     if task == "classification" and mode == "linear":
         return t + (n_train + n_val + n_test) / rates["infer_img_s"]
     if task == "classification":
@@ -511,24 +1086,17 @@ def _cell_seconds(task: str, mode: str, fraction: float, epochs: int, sizes: dic
     return t + epochs * n_train / train_rate + (epochs * n_val + n_test) / infer_rate
 
 
-def estimate(profile: Profile, arms: Sequence[str], tasks: Sequence[str], modes: Sequence[str],
-             fractions: Sequence[float], sizes: dict[str, int], rates: dict[str, float],
-             have_synthetic: bool, cells_done: set[str]) -> dict[str, float]:
-    """Seconds per phase (sampling, SSL, evaluation) of what is left to do."""
-    sampling = 0.0 if have_synthetic else \
-        sizes["ssl_real"] * profile.synthetic_multiplier * rates["sample_s_per_image"]
-    pretrained = [a for a in arms if a != "scratch"]
-    # the probe measures steps of batch 32; the cost of a step grows with its batch
-    ssl = len(pretrained) * len(profile.backbones) * profile.ssl_steps * rates["ssl_s_per_step"] * (
-        profile.ssl_batch / 32)
+def estimate(profile: Profile, cells: Sequence[Cell], ssl_runs: int, sampling_images: int, sizes: dict[str, int],
+             rates: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase (sampling, SSL, evaluation) of what is left: ``cells`` not cached yet, ``ssl_runs``
+    encoders not pretrained yet and ``sampling_images`` images not sampled yet."""
+    sampling = sampling_images * rates["sample_s_per_image"]
+    # the rates are per step of batch 32; the cost of a step grows with its batch
+    ssl = ssl_runs * profile.ssl_steps * rates["ssl_s_per_step"] * (profile.ssl_batch / 32)
     epochs = {"classification": int(profile.cls_config.get("epochs", 10)),
               "segmentation": int(profile.seg_config.get("epochs", 20))}
-    evaluation = sum(
-        _cell_seconds(task, mode, f, epochs[task], sizes, rates)
-        for backbone in profile.backbones for arm in arms for task in tasks for mode in modes for f in fractions
-        if cell_key(backbone, arm, task, mode, f) not in cells_done)
-    return {"sampling_s": sampling, "ssl_s": ssl, "evaluation_s": evaluation,
-            "total_s": sampling + ssl + evaluation}
+    evaluation = sum(_cell_seconds(c, epochs[c.task], sizes, rates) for c in cells)
+    return {"sampling_s": sampling, "ssl_s": ssl, "evaluation_s": evaluation, "total_s": sampling + ssl + evaluation}
 
 
 def planned_sizes(profile: Profile) -> dict[str, int]:
@@ -554,7 +1122,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def _reference_s_per_image() -> tuple[float, int] | None:
-    """Wall s/image and threads of the reference sampling row in docs/results/sampling.json (idle machine)."""
+    """Wall s/image and threads of the reference sampling row in docs/results/sampling.json (idle machine,
+    ``REFERENCE_GENERATOR``)."""
     path = RESULTS_DIR / "sampling.json"
     if not path.is_file():
         return None
@@ -566,50 +1135,55 @@ def _reference_s_per_image() -> tuple[float, int] | None:
     return None
 
 
-def probe(profile: Profile, data_dir: Path, generator: Path, device: str, cache_dir: Path) -> dict[str, Any]:
-    """Time each component of the profile on real data and write ``docs/results/paper_table_probe-<profile>.json``.
-
-    This machine is shared, so wall times are not what an idle run will see. The probe therefore runs
-    torch on ONE thread and measures the CPU seconds of each unit of work (sampling an image, an SSL step at
-    batch 32, a supervised training image, an inference image, decoding an image, and two whole evaluation
-    cells for the per-cell overhead); CPU seconds barely depend on the load. It converts them to idle
-    wall time with one factor: the speed-up of the reference sampling row of ``docs/results/sampling.json``
-    (measured on this machine, idle, 2 threads) over the same sampling here on one thread. That factor is
-    an assumption for the other components (they parallelise differently), stated in the JSON."""
-    import torch
-    from torch import nn
-
-    from models.data.folders import images_to_array, list_image_folder
+def _sample_cost(generator: Path, device: str, sampler: str, steps: int, guidance: float) -> tuple[float, float, str]:
+    """(wall, CPU) seconds per image of sampling a small batch from ``generator``, and the device type."""
     from models.diffusion import CXRDiffusionPipeline
-    from models.evaluation import build_segmentation_model, resolve_encoder
-    from models.ssl import finetune_augmentation, pretrain
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cpu: dict[str, float] = {}
-    wall: dict[str, float] = {}
-    load_before = os.getloadavg()
-
-    records = list_image_folder(data_dir / "kermany-pneumonia")[::40][:96]
-    x = np.zeros(0)
-
-    def decode() -> None:
-        nonlocal x
-        x = images_to_array([r.path for r in records], profile.resolution, "pad", threads=2)
-
-    w, c = _timed(decode)
-    wall["decode_per_image"], cpu["decode_per_image"] = w / len(records), c / len(records)
 
     pipe = CXRDiffusionPipeline.from_pretrained(generator, device=device)
     n = 8 if pipe.device.type == "cpu" else 256
     labels = [pipe.label_names[i % len(pipe.label_names)] for i in range(n)]
     pipe(labels=labels[:2], num_inference_steps=2)  # warm-up
-    sampler, steps, guidance = REFERENCE_SAMPLING
     w, c = _timed(lambda: pipe(labels=labels, seed=0, sampler=sampler, num_inference_steps=steps,
                                guidance_scale=guidance))
-    wall["sample_per_image_reference"], cpu["sample_per_image_reference"] = w / n, c / n
-    print(f"sampling ({sampler} {steps}, guidance {guidance:g}): {c / n:.3f} CPU s/image ({w / n:.3f} s wall)")
+    return w / n, c / n, pipe.device.type
 
+
+def _probe_sampling(profile: Profile, generator: Path | None, device: str, cpu: dict[str, float],
+                    wall: dict[str, float]) -> tuple[float, dict[str, Any]]:
+    """Time sampling (``generator`` at the profile's settings; None with ``--synthetic``) and return the speed-up
+    that converts one-thread CPU seconds to idle wall time, from ``REFERENCE_GENERATOR`` against its
+    docs/results/sampling.json row (measured idle on this machine)."""
+    sampler, steps, guidance = REFERENCE_SAMPLING
+    w, c, dev = _sample_cost(REFERENCE_GENERATOR, device, sampler, steps, guidance)
+    wall["sample_per_image_reference"], cpu["sample_per_image_reference"] = w, c
+    if generator is not None:
+        w, c, _ = _sample_cost(generator, device, profile.sampler, profile.sampling_steps, profile.guidance)
+        wall["sample_per_image"], cpu["sample_per_image"] = w, c
+        print(f"sampling {generator.name} ({profile.sampler} {profile.sampling_steps}, guidance "
+              f"{profile.guidance:g}): {c:.3f} CPU s/image ({w:.3f} s wall)")
+    ref = _reference_s_per_image()
+    if ref is None or dev != "cpu":
+        return 1.0, {"reference": "none (no sampling.json row or not a CPU run): wall = CPU seconds of one thread"}
+    speedup = cpu["sample_per_image_reference"] / ref[0]
+    return speedup, {"reference": f"docs/results/sampling.json ({REFERENCE_GENERATOR.name}) {sampler} {steps} steps "
+                                  f"guidance {guidance:g}: {ref[0]:.3f} s/image wall on {ref[1]} threads, idle machine",
+                     "speedup_over_one_thread_cpu_seconds": round(speedup, 3)}
+
+
+def _probe_units(profile: Profile, data_dir: Path, device: str, cpu: dict[str, float], wall: dict[str, float]) -> None:
+    """CPU seconds of the unit costs: decoding, an SSL step at batch 32, a classifier and a segmenter
+    training image (at their resolutions), an inference image."""
+    import torch
+    from torch import nn
+
+    from models.data.folders import images_to_array, list_image_folder
+    from models.evaluation import build_segmentation_model, resolve_encoder
+    from models.ssl import finetune_augmentation, pretrain
+
+    records = list_image_folder(data_dir / "kermany-pneumonia")[::40][:96]
+    x = images_to_array([r.path for r in records], profile.resolution, "pad", threads=2)
+    w, c = _timed(lambda: images_to_array([r.path for r in records], profile.resolution, "pad", threads=2))
+    wall["decode_per_image"], cpu["decode_per_image"] = w / len(records), c / len(records)
     stamps: list[tuple[float, float]] = []
     cfg = pretrain_config(profile, profile.backbones[0]).replace(max_steps=4, batch_size=32, warmup_steps=0)
     pretrain(x, cfg, None, on_step=lambda *_: stamps.append((time.perf_counter(), time.process_time())),
@@ -621,9 +1195,9 @@ def probe(profile: Profile, data_dir: Path, generator: Path, device: str, cache_
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     enc = resolve_encoder(f"scratch:{profile.backbones[0]}", scratch_kwargs=dict(profile.backbone_kwargs),
                           resolution=profile.resolution)
-    batch = torch.rand(32, 1, profile.resolution, profile.resolution, device=dev)
 
-    def train_cost(model: nn.Module, augment: nn.Module | None = None, reps: int = 3) -> tuple[float, float]:
+    def train_cost(model: nn.Module, size: int, augment: nn.Module | None = None, reps: int = 3) -> tuple[float, float]:
+        batch = torch.rand(32, 1, size, size, device=dev)
         model.to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -639,44 +1213,50 @@ def probe(profile: Profile, data_dir: Path, generator: Path, device: str, cache_
         return w / (reps * len(batch)), c / (reps * len(batch))
 
     wall["cls_train_per_image"], cpu["cls_train_per_image"] = train_cost(  # with fine-tuning's augmentation
-        nn.Sequential(enc.fresh_copy(), nn.Linear(enc.num_features, 1)),
+        nn.Sequential(enc.fresh_copy(), nn.Linear(enc.num_features, 1)), profile.resolution,
         finetune_augmentation(profile.resolution).to(dev))
     decoder = tuple(profile.seg_config.get("decoder_channels", (256, 128, 64, 32, 16)))
-    wall["seg_train_per_image"], cpu["seg_train_per_image"] = train_cost(build_segmentation_model(enc, decoder))
+    wall["seg_train_per_image"], cpu["seg_train_per_image"] = train_cost(
+        build_segmentation_model(enc, decoder), profile.segmentation_resolution)
     m = enc.module.to(dev).eval()
+    batch = torch.rand(32, 1, profile.resolution, profile.resolution, device=dev)
     with torch.inference_mode():
         m(batch)
         w, c = _timed(lambda: [m(batch).sum().item() for _ in range(3)])
     wall["infer_per_image"], cpu["infer_per_image"] = w / 96, c / 96
     print(f"classifier training {cpu['cls_train_per_image'] * 1000:.0f}, segmenter training "
-          f"{cpu['seg_train_per_image'] * 1000:.0f}, inference {cpu['infer_per_image'] * 1000:.1f} CPU ms/image")
+          f"{cpu['seg_train_per_image'] * 1000:.0f} ({profile.segmentation_resolution} px), inference "
+          f"{cpu['infer_per_image'] * 1000:.1f} CPU ms/image")
 
-    # Whole cells (scratch, one epoch) on the profile's real split. The 10% cells give the per-cell overhead
-    # beyond the per-image work above (decoding, validation, bootstrap, HD95, model building); the 100% cells
-    # the effective cost of a training image inside the real loop (augmentation, batching, schedules).
-    run_dir = cache_dir / "runs" / f"{profile.name}-{profile.fingerprint()}"
+
+def _probe_cells(profile: Profile, data_dir: Path, run_dir: Path, device: str, cpu: dict[str, float],
+                 wall: dict[str, float]) -> None:
+    """Whole cells (scratch, one epoch) on the profile's real split. The 10% cells give the per-cell overhead
+    beyond the unit costs (decoding, validation, bootstrap, HD95, model building); the 100% cells the
+    effective cost of a training image inside the real loop (augmentation, batching, schedules)."""
     data = prepare_data(profile, data_dir, run_dir)
     one_epoch = dataclasses.replace(profile, cls_config={**profile.cls_config, "epochs": 1},
                                     seg_config={**profile.seg_config, "epochs": 1})
     sizes = {"cls_train": data["cls_train"]["images"], "cls_test": data["cls_test"]["images"],
              "seg_train": data["seg_train"]["pairs"], "seg_test": data["seg_test"]["pairs"]}
+    backbone = profile.backbones[0]
     for task, mode, f in (("classification", "linear", 0.1), ("classification", "finetune", 1.0),
                           ("segmentation", "finetune", 0.1), ("segmentation", "finetune", 1.0)):
         w, c = _timed(lambda task=task, mode=mode, f=f: run_cell(  # type: ignore[misc]
-            one_epoch, profile.backbones[0], "scratch", f"scratch:{profile.backbones[0]}", task, mode, f, run_dir,
-            device, report_dir=run_dir / "probe-reports"))
+            one_epoch, Cell(backbone, "scratch", task, mode, f), f"scratch:{backbone}", run_dir, device,
+            report_dir=run_dir / "probe-reports"))
         name = f"{task}_{mode}_{f:g}_cell"
         wall[name], cpu[name] = w, c
         print(f"{task} {mode} cell ({f:.0%} labels, 1 epoch): {c:.1f} CPU s")
-    base = {**_idle_rates(cpu, 1.0, profile), "cls_cell_overhead_s": 0.0, "seg_cell_overhead_s": 0.0}
-    cpu["cls_cell_overhead"] = max(0.0, cpu["classification_linear_0.1_cell"]
-                                   - _cell_seconds("classification", "linear", 0.1, 1, sizes, base))
-    cpu["seg_cell_overhead"] = max(0.0, cpu["segmentation_finetune_0.1_cell"]
-                                   - _cell_seconds("segmentation", "finetune", 0.1, 1, sizes, base))
+    base = {**_idle_rates(cpu, 1.0), "cls_cell_overhead_s": 0.0, "seg_cell_overhead_s": 0.0}
+    cpu["cls_cell_overhead"] = max(0.0, cpu["classification_linear_0.1_cell"] - _cell_seconds(
+        Cell(backbone, "scratch", "classification", "linear", 0.1), 1, sizes, base))
+    cpu["seg_cell_overhead"] = max(0.0, cpu["segmentation_finetune_0.1_cell"] - _cell_seconds(
+        Cell(backbone, "scratch", "segmentation", "finetune", 0.1), 1, sizes, base))
     for task, key, pool in (("classification", "cls", "cls_train"), ("segmentation", "seg", "seg_train")):
         with_overhead = {**base, f"{key}_cell_overhead_s": cpu[f"{key}_cell_overhead"]}
         # the predicted cell minus its training part, then the rest of the measured cell spread over the images
-        rest = _cell_seconds(task, "finetune", 1.0, 1, sizes, with_overhead) - \
+        rest = _cell_seconds(Cell(backbone, "scratch", task, "finetune", 1.0), 1, sizes, with_overhead) - \
             0.8 * sizes[pool] * cpu[f"{key}_train_per_image"]
         effective = (cpu[f"{task}_finetune_1_cell"] - rest) / (0.8 * sizes[pool])
         cpu[f"{key}_train_per_image_microbenchmark"] = cpu[f"{key}_train_per_image"]
@@ -685,19 +1265,32 @@ def probe(profile: Profile, data_dir: Path, generator: Path, device: str, cache_
           f"{cpu['seg_cell_overhead']:.1f} CPU s; training in the loop: classification "
           f"{cpu['cls_train_per_image'] * 1000:.0f}, segmentation {cpu['seg_train_per_image'] * 1000:.0f} CPU ms/image")
 
-    ref = _reference_s_per_image()
-    if ref is not None and pipe.device.type == "cpu":
-        speedup = cpu["sample_per_image_reference"] / ref[0]
-        calibration = {"reference": f"docs/results/sampling.json {sampler} {steps} steps guidance {guidance:g}: "
-                                    f"{ref[0]:.3f} s/image wall on {ref[1]} threads, idle machine",
-                       "speedup_over_one_thread_cpu_seconds": round(speedup, 3)}
-    else:
-        speedup = 1.0
-        calibration = {"reference": "none (no sampling.json row or not a CPU run): wall = CPU seconds of one thread"}
-    rates = _idle_rates(cpu, speedup, profile)
+
+def probe(profile: Profile, data_dir: Path, generator: Path | None, device: str, run_dir: Path) -> dict[str, float]:
+    """Time each component of the profile on real data and write ``docs/results/paper_table_probe-<profile>.json``.
+
+    This machine is shared, so wall times are not what an idle run will see. The probe therefore runs
+    torch on ONE thread and measures the CPU seconds of each unit of work (sampling an image, an SSL step at
+    batch 32, a supervised training image, an inference image, decoding an image, and whole evaluation
+    cells for the per-cell overhead); CPU seconds barely depend on the load. It converts them to idle
+    wall time with one factor: the speed-up of the reference sampling row of ``docs/results/sampling.json``
+    (measured on this machine, idle, 2 threads) over the same sampling here on one thread. That factor is
+    an assumption for the other components (they parallelise differently), stated in the JSON.
+    ``generator=None`` (``--synthetic``: nothing is sampled) leaves the sampling rate assumed."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    load_before = os.getloadavg()
+    speedup, calibration = _probe_sampling(profile, generator, device, cpu, wall)
+    _probe_units(profile, data_dir, device, cpu, wall)
+    _probe_cells(profile, data_dir, run_dir, device, cpu, wall)
+    rates = _idle_rates(cpu, speedup)
     torch.set_num_threads(threads_before)
     write_result(f"paper_table_probe-{profile.name}", {
-        "profile": profile.name, "profile_fingerprint": profile.fingerprint(), "device": str(dev),
+        "profile": profile.name, "profile_fingerprint": profile.fingerprint(), "device": device,
         "torch_threads_measured": 1, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cpu_seconds_one_thread": cpu, "wall_seconds_under_this_load": wall, "calibration": calibration,
         "rates": rates,
@@ -705,17 +1298,15 @@ def probe(profile: Profile, data_dir: Path, generator: Path, device: str, cache_
                  "calibration speed-up (an assumption for components other than sampling). SSL per step at "
                  "batch 32 (mean of steps 2-4). Training cost per image: the larger of a microbenchmark "
                  "(forward+backward+AdamW on random 32-image batches) and what a whole one-epoch 100% cell "
-                 "implies; per-cell overheads from one-epoch 10% cells.",
+                 "implies; per-cell overheads from one-epoch 10% cells. Segmentation at seg_resolution.",
     }, probe_path(profile))
     print(f"idle-machine estimate: {json.dumps({k: round(v, 4) for k, v in rates.items()})}")
     return rates
 
 
-def _idle_rates(cpu: dict[str, float], speedup: float, profile: Profile) -> dict[str, float]:
+def _idle_rates(cpu: dict[str, float], speedup: float) -> dict[str, float]:
     """The ETA's rates from one-thread CPU seconds and a speed-up factor."""
-    step_ratio = profile.sampling_steps / REFERENCE_SAMPLING[1]
-    return {
-        "sample_s_per_image": cpu["sample_per_image_reference"] * step_ratio / speedup,
+    rates = {
         "ssl_s_per_step": cpu["ssl_per_step_b32"] / speedup,
         "cls_train_img_s": speedup / cpu["cls_train_per_image"],
         "seg_train_img_s": speedup / cpu["seg_train_per_image"],
@@ -724,6 +1315,9 @@ def _idle_rates(cpu: dict[str, float], speedup: float, profile: Profile) -> dict
         "cls_cell_overhead_s": cpu.get("cls_cell_overhead", 0.0) / speedup,
         "seg_cell_overhead_s": cpu.get("seg_cell_overhead", 0.0) / speedup,
     }
+    if "sample_per_image" in cpu:
+        rates["sample_s_per_image"] = cpu["sample_per_image"] / speedup
+    return rates
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,32 +1331,61 @@ def _fmt(m: dict[str, float] | None, digits: int = 3) -> str:
     return f"{m['value']:.{digits}f} [{m['low']:.{digits}f}, {m['high']:.{digits}f}]"
 
 
-def markdown_table(doc: dict[str, Any]) -> str:
-    """The results as Markdown: one table per backbone and task, arms x modes by label fraction."""
-    cells: dict[str, dict[str, Any]] = doc["cells"]
-    fractions = doc["selection"]["fractions"]
-    lines = [f"# Paper table: SSL on synthetic vs real chest X-rays ({doc['profile']['name']})", "",
-             f"- command: `{doc['command']}`", f"- commit: `{doc['commit']}`",
-             f"- machine: {doc['machine'].get('cpu')}, {doc['machine'].get('cpu_count')} cores, "
-             f"GPU {doc['machine'].get('gpu') or 'none'}, torch {doc['machine'].get('torch')}",
-             f"- date: {doc['date']}; this invocation {doc['timings']['total_s'] / 60:.1f} min; compute of all "
-             f"cells {doc['compute_seconds']['cells'] / 60:.1f} min + SSL {doc['compute_seconds']['ssl'] / 60:.1f} min "
-             "(cached parts included)", f"- profile: {doc['profile']['note']}", ""]
-    d = doc["data"]
-    lines += ["## Data", "",
-              f"Kermany split once, patient-level ({d['test_split']['test_patients']} test patients, seed "
-              f"{d['test_split']['seed']}); lung segmentation uses the lung-seg pairs of the same patients.", "",
-              "| set | size | labels |", "|---|---|---|"]
+def synthetic_words(syn: dict[str, Any], multiplier: int) -> str:
+    """One sentence on where the synthetic arms' images came from (for the table and the model card)."""
+    if syn.get("source") == "webdataset export":
+        gen = syn.get("generator") or {}
+        ds = syn.get("dataset") or {}
+        return (f"Synthetic: the first {syn['one_x']:,} (1x) and {syn['multiplied']:,} ({multiplier}x) of the "
+                f"{syn['images_in_export']:,} images of the WebDataset export `{syn['location']}` (dataset "
+                f"{ds.get('name') or ds.get('id') or 'not recorded'}, {ds.get('version') or 'no card'}; generator "
+                f"{gen.get('name') or gen.get('id') or 'not recorded'}; privacy gate "
+                f"{syn.get('privacy_gate') or 'not recorded'}), streamed from its shards.")
+    if syn.get("source") == "sampled in process":
+        return (f"Synthetic: {syn['one_x']:,} (1x) and {syn['multiplied']:,} ({multiplier}x) images sampled in "
+                f"process from `{syn['generator']}` ({syn['sampler']} {syn['steps']} steps, guidance "
+                f"{syn['guidance']:g}, seed {syn['seed']}, labels in the real class balance), "
+                f"{syn.get('resolution', '?')} px resized to {syn.get('resized_to', '?')} px.")
+    return f"Synthetic: {syn.get('source', 'none')}."
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
+    p = doc["profile"]
+    seeds = ", ".join(str(s) for s in p["seeds_small_fractions"])
+    return [f"# Paper table: SSL on synthetic vs real chest X-rays ({p['name']})", "",
+            f"- command: `{doc['command']}`", f"- commit: `{doc['commit']}`",
+            f"- machine: {doc['machine'].get('cpu')}, {doc['machine'].get('cpu_count')} cores, "
+            f"GPU {doc['machine'].get('gpu') or 'none'}, torch {doc['machine'].get('torch')}",
+            f"- date: {doc['date']}; this invocation {doc['timings']['total_s'] / 60:.1f} min; compute of all "
+            f"cells {doc['compute_seconds']['cells'] / 60:.1f} min + SSL {doc['compute_seconds']['ssl'] / 60:.1f} min "
+            "(cached parts included)", f"- profile: {p['note']}",
+            f"- seeds: label fractions below 100% run at evaluation seeds {seeds} (label subsample, head "
+            "initialisation, batch order and validation patients; the same encoder); 100% at seed 0. Values below "
+            f"100% are the {SEED_CI_WORDS}. A single seed shows its own bootstrap CI.", ""]
+
+
+def _data_section(doc: dict[str, Any]) -> list[str]:
+    d, p = doc["data"], doc["profile"]
+    lines = ["## Data", "",
+             f"Kermany split once, patient-level ({d['test_split']['test_patients']} test patients, seed "
+             f"{d['test_split']['seed']}); lung segmentation uses the lung-seg pairs of the same patients "
+             f"(at {p.get('seg_resolution') or p['resolution']} px).", "",
+             "| set | size | labels |", "|---|---|---|"]
     for name in ("cls_train", "cls_test", "seg_train", "seg_test", "ssl_real"):
         size = d[name].get("images", d[name].get("pairs"))
         lines.append(f"| {name} | {size} | {', '.join(f'{k}: {v}' for k, v in d[name]['counts'].items())} |")
-    syn = doc["synthetic"]
-    lines += ["", f"Synthetic: {syn['one_x']} (1x) and {syn['five_x']} ({doc['profile']['synthetic_multiplier']}x) "
-              f"images from `{syn['generator']}` ({syn['sampler']} {syn['steps']} steps, guidance {syn['guidance']:g}, "
-              f"seed {syn['seed']}, labels in the real class balance).", "",
-              f"SSL: {doc['profile']['ssl_method']}, {doc['profile']['ssl_steps']} steps of batch "
-              f"{doc['profile']['ssl_batch']} for every pretrained arm (seed {doc['profile']['seed']}).", "",
-              f"> {CAVEAT}", ""]
+    return [*lines, "", synthetic_words(doc["synthetic"], p["synthetic_multiplier"]), "",
+            f"SSL: {p['ssl_method']}, {p['ssl_steps']} steps of batch {p['ssl_batch']} "
+            f"({p['ssl_steps'] * p['ssl_batch']:,} image-views) for every pretrained arm (seed {p['seed']}). "
+            f"Baseline `raw-pixels`: logistic regression on standardised {RAW_PIXELS}x{RAW_PIXELS} pixels, C chosen "
+            "on the validation split (classification, linear mode only).", "", f"> {CAVEAT}", ""]
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """The results as Markdown: one table per backbone and task, arms x modes by label fraction."""
+    agg: dict[str, dict[str, Any]] = doc["aggregated"]
+    fractions = doc["selection"]["fractions"]
+    lines = _header(doc) + _data_section(doc)
     for backbone in doc["profile"]["backbones"]:
         for task in doc["selection"]["tasks"]:
             metric = PRIMARY[task]
@@ -770,25 +1393,27 @@ def markdown_table(doc: dict[str, Any]) -> str:
                       "| arm | mode | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
                       "|---|---|" + "---|" * len(fractions)]
             for arm in doc["selection"]["arms"]:
+                spec = arm_spec(arm)
                 for mode in doc["selection"]["modes"]:
-                    row = [(cells.get(cell_key(backbone, arm, task, mode, f)) or {}).get("metrics", {}).get(metric)
+                    if task not in spec.tasks or mode not in spec.modes:
+                        continue
+                    row = [(agg.get(group_key(backbone, arm, task, mode, f)) or {}).get("metrics", {}).get(metric)
                            for f in fractions]
                     lines.append(f"| {arm} | {mode} | " + " | ".join(_fmt(m) for m in row) + " |")
             lines.append("")
-    pre = doc["pretraining"]
-    lines += ["## Pretraining runs", "", "| backbone | arm | images | steps | final loss | wall s |",
-              "|---|---|---|---|---|---|"]
-    for key, p in pre.items():
+    lines += ["## Pretraining runs", "", "| backbone | arm | images | data | steps | final loss | wall s |",
+              "|---|---|---|---|---|---|---|"]
+    for key, p in doc["pretraining"].items():
         backbone, arm = key.split("|")
         loss = p.get("final_loss")
-        lines.append(f"| {backbone} | {arm} | {p['images']} | {p['steps']} | "
+        lines.append(f"| {backbone} | {arm} | {p['images']} | {p.get('data') or ''} | {p['steps']} | "
                      f"{'' if loss is None else f'{loss:.4f}'} | {p['wall_seconds']} |")
     if doc.get("shipped_encoder"):
         s = doc["shipped_encoder"]
         lines += ["", f"Shipped encoder: arm `{s['arm']}` (best mean primary metric of the arms without real "
                       f"images in pretraining: {s['score']:.4f}) exported fp16 to `{s['path']}`."]
-    lines += ["", "Secondary metrics (F1, accuracy, sensitivity, specificity, IoU, HD95), selected epochs / C and "
-              "split sizes are in the JSON beside this file.", ""]
+    lines += ["", "Per-seed cells, secondary metrics (F1, accuracy, sensitivity, specificity, IoU, HD95), selected "
+              "epochs / C and split sizes are in the JSON beside this file.", ""]
     return "\n".join(lines)
 
 
@@ -805,28 +1430,11 @@ def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     for backbone in doc["profile"]["backbones"]:
         fig, axes = plt.subplots(len(tasks), len(modes), figsize=(5 * len(modes), 3.8 * len(tasks)), squeeze=False)
         for r, task in enumerate(tasks):
-            metric = PRIMARY[task]
             for c, mode in enumerate(modes):
-                ax = axes[r][c]
-                for k, arm in enumerate(arms):
-                    pts = [(f, doc["cells"].get(cell_key(backbone, arm, task, mode, f), {}).get("metrics", {})
-                            .get(metric)) for f in fractions]
-                    pts = [(f, m) for f, m in pts if m is not None and m["value"] == m["value"]]
-                    if not pts:
-                        continue
-                    xs = np.array([f for f, _ in pts]) * (1 + 0.04 * (k - len(arms) / 2))  # dodge overlaps
-                    ys = np.array([m["value"] for _, m in pts])
-                    err = np.array([[m["value"] - m["low"] for _, m in pts], [m["high"] - m["value"] for _, m in pts]])
-                    ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=arm)
-                ax.set_xscale("log")
-                ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
-                ax.set_xlabel("labelled share of the training split")
-                ax.set_ylabel(f"test {metric.upper()}")
-                ax.set_title(f"{task}, {mode}")
-                ax.grid(alpha=0.3)
+                _plot_panel(axes[r][c], doc["aggregated"], backbone, arms, task, mode, fractions)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"Label efficiency, {backbone} {doc['profile']['resolution']} px ({doc['profile']['name']}; "
-                     "bars: 95% bootstrap CI)")
+                     "bars: 95% CI, mean over seeds below 100%)")
         fig.tight_layout()
         path = out_dir / f"{stem}-{backbone}.png"
         fig.savefig(path, dpi=110)
@@ -835,10 +1443,32 @@ def plot(doc: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def arm_score(cells: dict[str, dict[str, Any]], backbone: str, arm: str) -> float:
-    """Mean primary metric (AUC, Dice) over the arm's cells: how the shipped encoder is chosen."""
-    vals = [c["metrics"][PRIMARY[c["task"]]]["value"] for c in cells.values()
-            if c["backbone"] == backbone and c["arm"] == arm]
+def _plot_panel(ax: Any, agg: dict[str, dict[str, Any]], backbone: str, arms: Sequence[str], task: str, mode: str,
+                fractions: Sequence[float]) -> None:
+    metric = PRIMARY[task]
+    for k, arm in enumerate(arms):
+        pts = [(f, (agg.get(group_key(backbone, arm, task, mode, f)) or {}).get("metrics", {}).get(metric))
+               for f in fractions]
+        pts = [(f, m) for f, m in pts if m is not None and m["value"] == m["value"]]
+        if not pts:
+            continue
+        xs = np.array([f for f, _ in pts]) * (1 + 0.04 * (k - len(arms) / 2))  # dodge overlaps
+        ys = np.array([m["value"] for _, m in pts])
+        err = np.array([[m["value"] - m["low"] for _, m in pts], [m["high"] - m["value"] for _, m in pts]])
+        ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+    ax.set_xlabel("labelled share of the training split")
+    ax.set_ylabel(f"test {metric.upper()}")
+    ax.set_title(f"{task}, {mode}")
+    ax.grid(alpha=0.3)
+
+
+def arm_score(aggregated: dict[str, dict[str, Any]], backbone: str, arm: str) -> float:
+    """Mean primary metric (AUC, Dice; each cell's mean over seeds) over the arm's cells: how the shipped
+    encoder is chosen."""
+    vals = [g["metrics"][PRIMARY[g["task"]]]["value"] for g in aggregated.values()
+            if g["backbone"] == backbone and g["arm"] == arm]
     vals = [v for v in vals if v == v]
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -848,39 +1478,40 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     ``export_dir``; ``config.json`` carries the results as ``metrics`` (shown by ``GET /v1/encoders``)."""
     from models.ssl import export_encoder, load_encoder, read_encoder_config
 
-    scores = {arm: arm_score(doc["cells"], backbone, arm) for arm in NO_REAL_ARMS if arm in doc["selection"]["arms"]}
+    agg = doc["aggregated"]
+    scores = {arm: arm_score(agg, backbone, arm) for arm in NO_REAL_ARMS if arm in doc["selection"]["arms"]}
     scores = {a: s for a, s in scores.items() if s == s}
     if not scores:
         raise SystemExit("no arm without real images was evaluated: nothing to export")
     best = max(scores, key=lambda a: (scores[a], -NO_REAL_ARMS.index(a)))
-    src = run_dir / "encoders" / backbone / best.replace("+", "_")
-    cfg = read_encoder_config(src)
-    arm_cells = {k: c for k, c in doc["cells"].items() if c["backbone"] == backbone and c["arm"] == best}
-    rows = ["| task | mode | labels | metric | test value [95% CI] |", "|---|---|---|---|---|"]
-    for c in sorted(arm_cells.values(), key=lambda c: (c["task"], c["mode"], c["label_fraction"])):
-        metric = PRIMARY[c["task"]]
-        rows.append(f"| {c['task']} | {c['mode']} | {c['label_fraction']:.0%} | {metric} | "
-                    f"{_fmt(c['metrics'][metric])} |")
-    syn = doc["synthetic"]
+    cfg = read_encoder_config(encoder_dir(run_dir, backbone, best))
+    groups = sorted((g for g in agg.values() if g["backbone"] == backbone and g["arm"] == best),
+                    key=lambda g: (g["task"], g["mode"], g["label_fraction"]))
+    rows = ["| task | mode | labels | seeds | metric | test value [95% CI] |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        metric = PRIMARY[g["task"]]
+        rows.append(f"| {g['task']} | {g['mode']} | {g['label_fraction']:.0%} | {len(g['seeds'])} | {metric} | "
+                    f"{_fmt(g['metrics'][metric])} |")
     notes = "\n".join([
-        f"Pretrained on synthetic images only: {cfg['pretraining']['data']['num_images']:,} images sampled from "
-        f"the shipped generator `{syn['generator']}` ({syn['sampler']} {syn['steps']} steps, guidance "
-        f"{syn['guidance']:g}); no real image was used in pretraining. Chosen as arm `{best}` of "
-        f"`benchmarks/paper_table.py` (profile {doc['profile']['name']}), the best of {sorted(scores)} by mean test "
-        "AUC / Dice over its cells.", "",
+        f"Pretrained on synthetic images only ({cfg['pretraining']['data']['num_images']:,} images); no real "
+        f"image was used in pretraining. {synthetic_words(doc['synthetic'], doc['profile']['synthetic_multiplier'])} "
+        f"Chosen as arm `{best}` of `benchmarks/paper_table.py` (profile {doc['profile']['name']}), the best of "
+        f"{sorted(scores)} by mean test AUC / Dice over its cells.", "",
         f"Evaluated with `models.evaluation` on a patient-level test split of Kermany / lung-seg "
-        f"({doc['data']['cls_test']['images']} test images, {doc['data']['seg_test']['pairs']} test pairs):", "",
+        f"({doc['data']['cls_test']['images']} test images, {doc['data']['seg_test']['pairs']} test pairs); "
+        f"below 100% labels the {SEED_CI_WORDS}:", "",
         *rows, "",
         f"Command `{doc['command']}`, commit `{doc['commit']}`, {doc['machine'].get('cpu')}. {CAVEAT}",
     ])
-    out = export_encoder(export_dir, load_encoder(src), model_name=cfg["architecture"], timm_kwargs=cfg["timm_kwargs"],
+    out = export_encoder(export_dir, load_encoder(encoder_dir(run_dir, backbone, best)),
+                         model_name=cfg["architecture"], timm_kwargs=cfg["timm_kwargs"],
                          resolution=cfg["resolution"], mean=cfg["mean"][0], std=cfg["std"][0], method=cfg["method"],
                          pretraining=cfg["pretraining"], aspect_mode=cfg["aspect_mode"], fp16=True, notes=notes)
     exported = json.loads((out / "config.json").read_text())
     exported["metrics"] = {
         "source": f"benchmarks/paper_table.py --profile {doc['profile']['name']} (commit {doc['commit']})",
-        "arm": best,
-        "cells": {f"{c['task']}/{c['mode']}/{c['label_fraction']:g}": c["metrics"] for c in arm_cells.values()},
+        "arm": best, "synthetic": doc["synthetic"],
+        "cells": {f"{g['task']}/{g['mode']}/{g['label_fraction']:g}": g["metrics"] for g in groups},
     }
     (out / "config.json").write_text(json.dumps(exported, indent=2) + "\n")
     size_mb = (out / "model.safetensors").stat().st_size / 2**20
@@ -893,7 +1524,7 @@ def _display(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Main
+# Main: arguments, setup, plan, run, outputs
 # --------------------------------------------------------------------------------------------------
 def _csv(text: str | None, allowed: Sequence[str], what: str) -> list[str]:
     if not text:
@@ -905,148 +1536,223 @@ def _csv(text: str | None, allowed: Sequence[str], what: str) -> list[str]:
     return [a for a in allowed if a in items]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``--help`` prints the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu-small")
     ap.add_argument("--data-dir", default=None, help="real data (default: $CXR_DATA_DIR or ../shared/data)")
-    ap.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    ap.add_argument("--synthetic", default=None, metavar="PATH",
+                    help="WebDataset shards for the synthetic arms, streamed: an extracted `cxrsynth datasets export "
+                         "ID --format webdataset` folder, a folder of *.tar, or s3://bucket/prefix (default: sample "
+                         "in process from --generator)")
+    ap.add_argument("--generator", default=str(DEFAULT_GENERATOR), help="generator to sample from without --synthetic")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="synthetic images and run folders (not the repo)")
-    ap.add_argument("--out-dir", default=None, help="table, JSON and plots (default: docs/results for cpu-small "
-                                                      "and gpu-full, the run folder for smoke)")
-    ap.add_argument("--export-dir", default=None, help="where the shipped encoder goes (default: "
-                                                         "models/weights/encoder-synthetic-resnet18-64 for cpu-small)")
+    ap.add_argument("--out-dir", default=None, help="table, JSON and plots (default: docs/results, or the run "
+                                                      "folder for smoke)")
+    ap.add_argument("--export-dir", default=None,
+                    help=f"where the shipped encoder goes (default: {_display(SHIPPED_ENCODER)} for "
+                         f"{', '.join(EXPORTING_PROFILES)})")
     ap.add_argument("--no-export", action="store_true", help="do not export the shipped encoder")
     ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)}")
-    ap.add_argument("--tasks", default=None, help="classification,segmentation")
-    ap.add_argument("--modes", default=None, help="linear,finetune")
+    ap.add_argument("--tasks", default=None, help=",".join(TASKS))
+    ap.add_argument("--modes", default=None, help=",".join(MODES))
     ap.add_argument("--fractions", default=None, help="label fractions, e.g. 0.01,0.1,1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and ETA, run nothing")
     ap.add_argument("--probe", action="store_true", help="time each component, write the probe JSON, stop")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    profile = PROFILES[args.profile]
+@dataclass
+class Setup:
+    """A run's resolved inputs: profile, selection, sources, run folder and its cells."""
+
+    profile: Profile
+    arms: list[str]
+    tasks: list[str]
+    modes: list[str]
+    fractions: list[float]
+    data_dir: Path
+    generator: Path
+    synthetic: SyntheticExport | None
+    cache_dir: Path
+    run_dir: Path
+    cells: CellStore
+    command: str
+
+
+def setup(args: argparse.Namespace, argv: list[str] | None) -> Setup:
+    """Resolve the arguments: selection, data, the synthetic source (checked against the profile), the run
+    folder (named by the profile's fingerprint and the synthetic source) and its cells."""
     from models.diffusion.testing import shared_data_dir
 
-    data_dir = Path(args.data_dir) if args.data_dir else shared_data_dir()
-    generator = Path(args.generator)
-    if args.probe:
-        probe(profile, data_dir, generator, args.device, Path(args.cache_dir).expanduser())
-        return {}
+    profile = PROFILES[args.profile]
     arms = _csv(args.arms, ARMS, "arms")
-    tasks = _csv(args.tasks, TASKS, "tasks")
-    modes = _csv(args.modes, MODES, "modes")
     fractions = sorted({float(f) for f in args.fractions.split(",")}) if args.fractions else list(profile.fractions)
     if any(not 0 < f <= 1 for f in fractions):
         raise SystemExit("fractions must be in (0, 1]")
+    synthetic = open_synthetic(args.synthetic) if args.synthetic else None
+    if profile.synthetic_min_images and any(a in SYNTHETIC_ARMS for a in arms):
+        have = synthetic.index.num_samples if synthetic else 0
+        if have < profile.synthetic_min_images:
+            raise SystemExit(f"profile {profile.name} pretrains its synthetic arms on a WebDataset export of at least "
+                             f"{profile.synthetic_min_images:,} images: pass --synthetic PATH"
+                             + (f" ({args.synthetic} holds {have:,})" if synthetic else ""))
+    generator = Path(args.generator)
+    tag = f"wds{synthetic.identity()}" if synthetic else f"gen{generator_fingerprint(generator)[:8]}"
     cache_dir = Path(args.cache_dir).expanduser()
-    run_dir = cache_dir / "runs" / f"{profile.name}-{profile.fingerprint()}"
+    run_dir = cache_dir / "runs" / f"{profile.name}-{profile.fingerprint()}-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cells = CellStore(run_dir / "cells.json")
+    return Setup(profile, arms, _csv(args.tasks, TASKS, "tasks"), _csv(args.modes, MODES, "modes"), fractions,
+                 Path(args.data_dir) if args.data_dir else shared_data_dir(), generator, synthetic, cache_dir,
+                 run_dir, CellStore(run_dir / "cells.json"),
+                 " ".join(["python benchmarks/paper_table.py", *(argv if argv is not None else sys.argv[1:])]))
 
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    # ---- plan
-    rates, rate_source = rates_for(profile)
-    sizes = planned_sizes(profile)
-    splits = run_dir / "data" / "splits.json"
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
+def show_plan(s: Setup, log: Callable[[str], None]) -> dict[str, Any]:
+    """Print the sizes, the cells and the ETA of what is left (the rates say whether they were measured)."""
+    p = s.profile
+    rates, rate_source = rates_for(p)
+    sizes = planned_sizes(p)
+    splits = s.run_dir / "data" / "splits.json"
     if splits.is_file():  # the data is prepared already: its exact sizes
         d = json.loads(splits.read_text())
         sizes = {k: int(d[k].get("images", d[k].get("pairs", 0))) for k in sizes}
-    syn_total = sizes["ssl_real"] * profile.synthetic_multiplier
-    have_syn = any((cache_dir / "synthetic").glob(f"{generator.name}-*-n{syn_total}-seed{profile.seed}-"
-                                                  f"{profile.sampler}{profile.sampling_steps}-g{profile.guidance:g}/images.npz"))
-    eta = estimate(profile, arms, tasks, modes, fractions, sizes, rates, have_syn, set(cells.cells))
-    n_cells = len(profile.backbones) * len(arms) * len(tasks) * len(modes) * len(fractions)
-    log(f"profile {profile.name} ({profile.note}); run folder {run_dir}")
-    log(f"  backbones {', '.join(profile.backbones)} at {profile.resolution} px; arms {', '.join(arms)}; "
-        f"tasks {', '.join(tasks)}; modes {', '.join(modes)}; fractions {', '.join(f'{f:g}' for f in fractions)}")
+    plan = plan_cells(p, s.arms, s.tasks, s.modes, s.fractions)
+    todo = [c for c in plan if c.key not in s.cells]
+    ssl_left = [(b, a) for b in p.backbones for a in s.arms
+                if arm_spec(a).pretrained and not (encoder_dir(s.run_dir, b, a) / "config.json").is_file()]
+    syn_total = sizes["ssl_real"] * p.synthetic_multiplier
+    sample = s.synthetic is None and any(a in SYNTHETIC_ARMS for a in s.arms) and not (
+        s.cache_dir / "synthetic" / synthetic_cache_key(p, s.generator, syn_total) / "images.npz").is_file()
+    eta = estimate(p, todo, len(ssl_left), syn_total if sample else 0, sizes, rates)
+    log(f"profile {p.name} ({p.note}); run folder {s.run_dir}")
+    log(f"  backbones {', '.join(p.backbones)} at {p.resolution} px (segmentation {p.segmentation_resolution} px); "
+        f"arms {', '.join(s.arms)}; tasks {', '.join(s.tasks)}; modes {', '.join(s.modes)}; fractions "
+        f"{', '.join(f'{f:g}' for f in s.fractions)}; seeds {p.seeds_small_fractions} below 100%")
+    source = f"--synthetic {s.synthetic.location} ({s.synthetic.index.num_samples:,} images)" if s.synthetic else \
+        f"sampled from {s.generator.name}{'' if sample else ' (cached)'}"
     log(f"  data: cls train {sizes['cls_train']} / test {sizes['cls_test']}, seg train {sizes['seg_train']} / test "
-        f"{sizes['seg_test']}, SSL real {sizes['ssl_real']}, synthetic {sizes['ssl_real']} and {syn_total}"
-        f"{' (cached)' if have_syn else ''}")
-    todo = [(b, a, tk, m, f) for b in profile.backbones for a in arms for tk in tasks for m in modes for f in fractions]
-    cached = sum(cell_key(*c) in cells for c in todo)
-    log(f"  SSL {profile.ssl_method} {profile.ssl_steps} steps x batch {profile.ssl_batch}; cells {n_cells} "
-        f"({cached} cached)")
-    log(f"  ETA {eta['total_s'] / 60:.1f} min = sampling {eta['sampling_s'] / 60:.1f} + SSL {eta['ssl_s'] / 60:.1f} "
-        f"+ evaluation {eta['evaluation_s'] / 60:.1f}; rates {rate_source}")
-    if args.plan_only:
-        return {"eta": eta, "rates": rates, "rate_source": rate_source, "sizes": sizes, "cells": n_cells}
+        f"{sizes['seg_test']}, SSL real {sizes['ssl_real']}, synthetic {sizes['ssl_real']} and {syn_total} {source}")
+    log(f"  SSL {p.ssl_method} {p.ssl_steps} steps x batch {p.ssl_batch} = {p.ssl_steps * p.ssl_batch:,} image-views "
+        f"per arm ({len(ssl_left)} run(s) left); cells {len(plan)} ({len(plan) - len(todo)} cached)")
+    log(f"  ETA {_duration(eta['total_s'])} = sampling {_duration(eta['sampling_s'])} + SSL {_duration(eta['ssl_s'])} "
+        f"+ evaluation {_duration(eta['evaluation_s'])}; rates {rate_source}")
+    return {"eta": eta, "rates": rates, "rate_source": rate_source, "sizes": sizes, "cells": len(plan),
+            "cells_cached": len(plan) - len(todo), "run_dir": str(s.run_dir), "plan": plan}
 
-    # ---- run
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+
+def pretrain_all(s: Setup, data: dict[str, Any], device: str, log: Callable[[str], None],
+                 timings: dict[str, float]) -> tuple[dict[str, str | Path], dict[str, Any], dict[str, Any]]:
+    """The synthetic source's data and every selected arm's encoder: ``({backbone|arm: encoder}, pretraining
+    records, synthetic source description)``."""
     t = time.perf_counter()
-    data = prepare_data(profile, data_dir, run_dir)
-    timings["data_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    folders, syn_info = ssl_folders(profile, run_dir, data, generator, cache_dir, args.device, log)
+    arm_data, syn_info = ssl_data(s.profile, s.run_dir, data, s.arms, s.synthetic, s.generator, s.cache_dir,
+                                  device, log)
     timings["synthetic_s"] = time.perf_counter() - t
     t = time.perf_counter()
     encoders: dict[str, str | Path] = {}
     pre: dict[str, Any] = {}
-    for backbone in profile.backbones:
-        for arm in arms:
-            if arm == "scratch":
+    for backbone in s.profile.backbones:
+        for arm in s.arms:
+            if arm in arm_data:
+                encoders[f"{backbone}|{arm}"], pre[f"{backbone}|{arm}"] = pretrain_arm(
+                    s.profile, backbone, arm, arm_data[arm], s.run_dir, device, log)
+            elif arm == "scratch":
                 encoders[f"{backbone}|{arm}"] = f"scratch:{backbone}"
-                continue
-            path, info = pretrain_arm(profile, backbone, arm, folders[arm], run_dir, args.device, log)
-            encoders[f"{backbone}|{arm}"] = path
-            pre[f"{backbone}|{arm}"] = info
     timings["ssl_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    computed = 0
-    for i, (backbone, arm, task, mode, f) in enumerate(todo, 1):
-        key = cell_key(backbone, arm, task, mode, f)
-        if key in cells:
-            continue
-        summary = run_cell(profile, backbone, arm, encoders[f"{backbone}|{arm}"], task, mode, f, run_dir, args.device)
-        cells.put(key, summary)
-        computed += 1
-        m = summary["metrics"][PRIMARY[task]]
-        log(f"cell {i}/{len(todo)} {key}: {PRIMARY[task]} {_fmt(m)} ({summary['wall_seconds']:.0f} s)")
-    timings["evaluation_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_start
+    return encoders, pre, syn_info
 
-    selected = {cell_key(*c): cells.cells[cell_key(*c)] for c in todo}
-    out_dir = Path(args.out_dir) if args.out_dir else (run_dir / "out" if profile.name == "smoke" else RESULTS_DIR)
+
+def evaluate_all(s: Setup, plan: Sequence[Cell], encoders: dict[str, str | Path], device: str,
+                 log: Callable[[str], None]) -> int:
+    """Run every cell of ``plan`` not in the cache (each stored as soon as it is done); returns how many ran."""
+    computed = 0
+    for i, cell in enumerate(plan, 1):
+        if cell.key in s.cells:
+            continue
+        summary = run_cell(s.profile, cell, encoders.get(f"{cell.backbone}|{cell.arm}"), s.run_dir, device)
+        s.cells.put(cell.key, summary)
+        computed += 1
+        m = summary["metrics"][PRIMARY[cell.task]]
+        log(f"cell {i}/{len(plan)} {cell.key}: {PRIMARY[cell.task]} {_fmt(m)} ({summary['wall_seconds']:.0f} s)")
+    return computed
+
+
+def write_outputs(s: Setup, args: argparse.Namespace, doc: dict[str, Any],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Export the shipped encoder (profiles of ``EXPORTING_PROFILES`` or ``--export-dir``), then write the JSON,
+    the markdown table and the plots."""
+    p = s.profile
+    out_dir = Path(args.out_dir) if args.out_dir else (s.run_dir / "out" if p.name == "smoke" else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "paper_table" if profile.name == "cpu-small" else f"paper_table-{profile.name}"
-    doc: dict[str, Any] = {
-        "benchmark": stem,
-        "command": " ".join(["python benchmarks/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "profile": {**json.loads(json.dumps(dataclasses.asdict(profile), default=list)),
-                    "fingerprint": profile.fingerprint()},
-        "selection": {"arms": arms, "tasks": tasks, "modes": modes, "fractions": fractions},
-        "data": data, "synthetic": syn_info, "pretraining": pre, "cells": selected,
-        "cells_computed_this_run": computed, "timings": {k: round(v, 1) for k, v in timings.items()},
-        "compute_seconds": {"cells": round(sum(c["wall_seconds"] for c in selected.values()), 1),
-                            "ssl": round(sum(p["wall_seconds"] for p in pre.values()), 1)},
-        "eta_predicted": {k: round(v, 1) for k, v in eta.items()}, "rate_source": rate_source,
-        "torch_threads": torch.get_num_threads(), "caveat": CAVEAT,
-    }
-    default_export = SHIPPED_ENCODER if profile.name == "cpu-small" else None
-    export_dir = Path(args.export_dir) if args.export_dir else default_export
+    stem = "paper_table" if p.name == "cpu-small" else f"paper_table-{p.name}"
+    doc["benchmark"] = stem
+    export_dir = Path(args.export_dir) if args.export_dir else (
+        SHIPPED_ENCODER if p.name in EXPORTING_PROFILES else None)
     if export_dir is not None and not args.no_export:
-        doc["shipped_encoder"] = export_shipped_encoder(doc, run_dir, profile.backbones[0], export_dir)
+        doc["shipped_encoder"] = export_shipped_encoder(doc, s.run_dir, p.backbones[0], export_dir)
         log(f"shipped encoder: arm {doc['shipped_encoder']['arm']} -> {doc['shipped_encoder']['path']} "
             f"({doc['shipped_encoder']['size_mb']} MB)")
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(doc, indent=2, default=str, allow_nan=True) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown_table(doc))
-    doc["plots"] = [_display(p) for p in plot(doc, out_dir, stem)]
+    doc["plots"] = [_display(path) for path in plot(doc, out_dir, stem)]
     json_path.write_text(json.dumps(doc, indent=2, default=str, allow_nan=True) + "\n")
     print(markdown_table(doc))
     log(f"wrote {_display(json_path)}, {stem}.md and {len(doc['plots'])} plot(s) in {_display(out_dir)}; "
-        f"{computed} cell(s) computed, {len(todo) - computed} from the cache; {timings['total_s'] / 60:.1f} min")
+        f"{doc['cells_computed_this_run']} cell(s) computed, {len(doc['cells']) - doc['cells_computed_this_run']} "
+        f"from the cache; {doc['timings']['total_s'] / 60:.1f} min")
     return doc
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Plan, probe, or run the table (resumable); returns the results document (the plan with --plan-only)."""
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = setup(args, argv)
+    if args.probe:
+        return probe(s.profile, s.data_dir, None if s.synthetic else s.generator, args.device, s.run_dir)
+    plan = show_plan(s, _log)
+    if args.plan_only:
+        return plan
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = prepare_data(s.profile, s.data_dir, s.run_dir)
+    timings["data_s"] = time.perf_counter() - t_start
+    encoders, pre, syn_info = pretrain_all(s, data, args.device, _log, timings)
+    t = time.perf_counter()
+    computed = evaluate_all(s, plan["plan"], encoders, args.device, _log)
+    timings["evaluation_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    selected = {c.key: s.cells.cells[c.key] for c in plan["plan"]}
+    doc: dict[str, Any] = {
+        "benchmark": "", "command": s.command, "commit": commit(), "machine": machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "profile": {**json.loads(json.dumps(dataclasses.asdict(s.profile), default=list)),
+                    "fingerprint": s.profile.fingerprint()},
+        "selection": {"arms": s.arms, "tasks": s.tasks, "modes": s.modes, "fractions": s.fractions},
+        "run_dir": str(s.run_dir), "data": data, "synthetic": syn_info, "pretraining": pre, "cells": selected,
+        "aggregated": aggregate_cells(selected), "seed_aggregation": SEED_CI_WORDS,
+        "cells_computed_this_run": computed, "timings": {k: round(v, 1) for k, v in timings.items()},
+        "compute_seconds": {"cells": round(sum(c["wall_seconds"] for c in selected.values()), 1),
+                            "ssl": round(sum(p["wall_seconds"] for p in pre.values()), 1)},
+        "eta_predicted": {k: round(v, 1) for k, v in plan["eta"].items()}, "rate_source": plan["rate_source"],
+        "torch_threads": torch.get_num_threads(), "caveat": CAVEAT,
+    }
+    return write_outputs(s, args, doc, _log)
 
 
 if __name__ == "__main__":

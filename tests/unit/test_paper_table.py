@@ -1,13 +1,19 @@
-"""``benchmarks/paper_table.py`` end to end on its ``smoke`` profile (three arms, 100% labels): table, JSON
-and plot written; the test patients never reach a training set; a killed run continues from its cached
-cells; the best arm without real images is exported and the service registers it as a built-in encoder."""
+"""``benchmarks/paper_table.py``: the ``smoke`` profile end to end (table, JSON and plot written; the test
+patients never reach a training set; a killed run continues from its cached cells; the best arm without real
+images is exported and the service registers it as a built-in encoder), the arms registry, evaluation seeds
+and their aggregation, the raw-pixel baseline, synthetic arms fed from a WebDataset export, the ``cpu-12`` and
+``gpu-full`` profiles (plan, ViT-S/16 SSL steps)."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +23,7 @@ from benchmarks import paper_table as pt
 from models.data.folders import list_image_folder, patient_id_from_name
 
 torch.set_num_threads(1)
-ARGS = ["--profile", "smoke", "--arms", "scratch,real,synthetic", "--fractions", "1", "--threads", "1"]
+ARGS = ["--profile", "smoke", "--arms", "scratch,real,synthetic,raw-pixels", "--fractions", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +34,32 @@ def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     args = [*ARGS, "--data-dir", str(shared_data), "--cache-dir", str(root / "cache"), "--out-dir",
             str(root / "out"), "--export-dir", str(root / "weights" / "encoder-synthetic-resnet18-64")]
     doc = pt.main(args)
-    return {"doc": doc, "root": root, "args": args,
-            "run_dir": root / "cache" / "runs" / f"smoke-{pt.PROFILES['smoke'].fingerprint()}"}
+    return {"doc": doc, "root": root, "args": args, "run_dir": Path(doc["run_dir"])}
 
 
 def test_outputs(run: dict[str, Any]) -> None:
     doc, out = run["doc"], run["root"] / "out"
-    assert len(doc["cells"]) == 3 * 2 * 2 and doc["cells_computed_this_run"] == 12
+    # 3 arms x 2 tasks x 2 modes, plus the raw-pixel baseline's one classification/linear cell; 100%: seed 0
+    assert len(doc["cells"]) == 3 * 2 * 2 + 1 and doc["cells_computed_this_run"] == 13
+    assert all(c["seed"] == 0 for c in doc["cells"].values())
     for cell in doc["cells"].values():
         for m in cell["metrics"].values():
             assert m["low"] <= m["value"] <= m["high"] or m["value"] != m["value"]
         assert cell["test_images"] == (20 if cell["task"] == "classification" else 8)
+    raw = doc["cells"]["resnet18|raw-pixels|classification|linear|1|0"]
+    assert raw["selected"]["C"] in pt.PROFILES["smoke"].cls_config["linear_c_grid"]
+    assert raw["train_images"] + raw["val_images"] == 40
     assert set(doc["pretraining"]) == {"resnet18|real", "resnet18|synthetic"}
     assert all(p["steps"] == 2 for p in doc["pretraining"].values())  # same budget for every arm
-    assert doc["synthetic"]["one_x"] == 4 and doc["synthetic"]["five_x"] == 20
+    syn = doc["synthetic"]
+    assert syn["source"] == "sampled in process" and syn["generator"] == "generator-kermany-224"
+    assert syn["one_x"] == 4 and syn["multiplied"] == 16 and syn["resolution"] == 224 and syn["resized_to"] == 32
+    assert Path(run["run_dir"]).name.startswith(f"smoke-{pt.PROFILES['smoke'].fingerprint()}-gen")
     md = (out / "paper_table-smoke.md").read_text()
     for arm in ("scratch", "real", "synthetic"):
         assert f"| {arm} | linear | " in md and f"| {arm} | finetune | " in md
+    assert md.count("| raw-pixels | linear | ") == 1 and "| raw-pixels | finetune |" not in md
+    assert "sampled in process from `generator-kermany-224`" in md and "bootstrap variances" in md
     assert "python benchmarks/paper_table.py --profile smoke" in md and doc["commit"] in md
     assert json.loads((out / "paper_table-smoke.json").read_text())["cells"] == doc["cells"]
     with Image.open(out / "paper_table-smoke-resnet18.png") as im:
@@ -65,7 +80,7 @@ def test_test_patients_never_train(run: dict[str, Any]) -> None:
 def test_a_killed_run_continues_from_its_cells(run: dict[str, Any]) -> None:
     cells_file = run["run_dir"] / "cells.json"
     cells = json.loads(cells_file.read_text())
-    dropped = "resnet18|synthetic|classification|linear|1"
+    dropped = "resnet18|synthetic|classification|linear|1|0"
     del cells[dropped]
     cells_file.write_text(json.dumps(cells))
     again = pt.main([*run["args"], "--no-export"])
@@ -73,6 +88,24 @@ def test_a_killed_run_continues_from_its_cells(run: dict[str, Any]) -> None:
     assert again["cells"][dropped]["metrics"] == run["doc"]["cells"][dropped]["metrics"]  # seeded: same numbers
     assert {k: v for k, v in again["cells"].items() if k != dropped} == {
         k: v for k, v in run["doc"]["cells"].items() if k != dropped}
+
+
+def test_seeds_below_full_labels_are_distinct_cells(run: dict[str, Any]) -> None:
+    root = run["root"]
+    doc = pt.main(["--profile", "smoke", "--arms", "scratch,raw-pixels", "--tasks", "classification", "--modes",
+                   "linear", "--fractions", "0.1,1", "--threads", "1", "--no-export", "--data-dir",
+                   run["args"][run["args"].index("--data-dir") + 1], "--cache-dir", str(root / "cache"),
+                   "--out-dir", str(root / "out-seeds")])
+    assert doc["cells_computed_this_run"] == 2 * 3  # two arms x seeds 0, 1, 2 at 10%; 100% came from the cache
+    for arm in ("scratch", "raw-pixels"):
+        seeds = [doc["cells"][f"resnet18|{arm}|classification|linear|0.1|{s}"] for s in (0, 1, 2)]
+        assert [c["seed"] for c in seeds] == [0, 1, 2]
+        # the seed draws another label subsample (and validation patients): the cells differ
+        assert len({json.dumps(c["metrics"], sort_keys=True) for c in seeds}) > 1
+        group = doc["aggregated"][f"resnet18|{arm}|classification|linear|0.1"]
+        assert group["seeds"] == [0, 1, 2] and group["metrics"]["auc"]["n_seeds"] == 3
+        assert group["metrics"]["auc"]["value"] == pytest.approx(np.mean([c["metrics"]["auc"]["value"] for c in seeds]))
+        assert doc["aggregated"][f"resnet18|{arm}|classification|linear|1"]["seeds"] == [0]
 
 
 def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Path) -> None:
@@ -89,10 +122,11 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
     folder = run["root"] / "weights" / "encoder-synthetic-resnet18-64"
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["weights_dtype"] == "float16" and cfg["metrics"]["arm"] == shipped["arm"]
+    assert cfg["metrics"]["synthetic"]["source"] == "sampled in process"
     assert all(t.dtype == torch.float16 for t in load_file(str(folder / "model.safetensors")).values()
                if t.is_floating_point())
     card = (folder / "README.md").read_text()
-    assert "no real image was used in pretraining" in card and "| classification | linear | 100% | auc |" in card
+    assert "no real image was used in pretraining" in card and "| classification | linear | 100% | 1 | auc |" in card
     assert load_encoder(folder)(torch.zeros(1, 1, 32, 32)).shape == (1, 64)
 
     settings = Settings(_env_file=None, data_dir=tmp_path / "state",  # type: ignore[call-arg]
@@ -141,3 +175,247 @@ def _evaluate_embedded(settings: Any, tenant_id: str, encoder_id: str, data: Pat
         job, _ = create_evaluation(s, settings, tenant_id, request, enqueue=False)
         job_id = job.id
     return run_embedded_job(settings, job_id, "evaluation")
+
+
+# --------------------------------------------------------------------------------------------------
+# Arms, seeds, aggregation
+# --------------------------------------------------------------------------------------------------
+def test_arms_registry() -> None:
+    assert pt.ARMS == ("scratch", "real", "synthetic", "synthetic-4x", "real+synthetic", "raw-pixels")
+    assert pt.NO_REAL_ARMS == ("synthetic", "synthetic-4x")
+    assert pt.SYNTHETIC_ARMS == ("synthetic", "synthetic-4x", "real+synthetic")
+    assert [pt.arm_spec(a).synthetic_count(10, 4) for a in pt.ARMS] == [0, 0, 10, 40, 10, 0]
+    assert all(p.synthetic_multiplier == 4 for p in pt.PROFILES.values())
+    with pytest.raises(ValueError, match="unknown arm 'synthetic-5x'"):
+        pt.arm_spec("synthetic-5x")
+    with pytest.raises(SystemExit, match="unknown arms"):
+        pt.main(["--profile", "smoke", "--arms", "scratch,synthetic-5x", "--plan-only"])
+    # each arm has its own tasks and modes: the raw-pixel baseline is classification / linear only
+    cells = pt.plan_cells(pt.PROFILES["smoke"], ["raw-pixels", "real"], list(pt.TASKS), list(pt.MODES), [1.0])
+    assert [(c.arm, c.task, c.mode) for c in cells if c.arm == "raw-pixels"] == [
+        ("raw-pixels", "classification", "linear")]
+    assert len([c for c in cells if c.arm == "real"]) == 4
+
+
+def test_plan_gives_every_small_fraction_each_seed() -> None:
+    profile = pt.PROFILES["smoke"]
+    cells = pt.plan_cells(profile, ["scratch"], ["classification"], ["linear"], [0.1, 1.0])
+    assert [c.key for c in cells] == ["resnet18|scratch|classification|linear|0.1|0",
+                                      "resnet18|scratch|classification|linear|0.1|1",
+                                      "resnet18|scratch|classification|linear|0.1|2",
+                                      "resnet18|scratch|classification|linear|1|0"]
+    # seeds are a selection, like fractions: they leave the run folder (the fingerprint) as it is
+    assert pt.Profile(**{**profile.__dict__, "seeds_small_fractions": (0, 1)}).fingerprint() == profile.fingerprint()
+    with pytest.raises(ValueError, match="distinct"):
+        pt.Profile(name="x", backbones=("resnet18",), resolution=32, seeds_small_fractions=(0, 0))
+
+
+def test_cells_written_before_seeds_count_as_seed_0(tmp_path: Path) -> None:
+    path = tmp_path / "cells.json"
+    old = {"backbone": "resnet18", "arm": "real", "task": "classification", "mode": "linear", "label_fraction": 1.0,
+           "metrics": {"auc": {"value": 0.9, "low": 0.8, "high": 0.95}}, "wall_seconds": 1.0}
+    path.write_text(json.dumps({"resnet18|real|classification|linear|1": old}))
+    store = pt.CellStore(path)
+    key = pt.cell_key("resnet18", "real", "classification", "linear", 1.0, 0)
+    assert key in store and store.cells[key]["seed"] == 0 and list(store.cells) == [key]
+    store.put(pt.cell_key("resnet18", "real", "classification", "linear", 1.0, 1), {**old, "seed": 1})
+    assert sorted(json.loads(path.read_text())) == [key, key[:-1] + "1"]
+
+
+def _cell(fraction: float, seed: int, value: float, low: float, high: float, hd95: float = 5.0) -> dict[str, Any]:
+    return {"backbone": "resnet18", "arm": "real", "task": "segmentation", "mode": "linear", "label_fraction": fraction,
+            "seed": seed, "metrics": {"dice": {"value": value, "low": low, "high": high},
+                                      "hd95": {"value": hd95, "low": hd95 - 4, "high": hd95 + 4}}}
+
+
+def test_seed_aggregation_on_hand_made_cells() -> None:
+    se = 0.02
+    half = pt.Z95 * se
+    cells = {f"k{s}": _cell(0.1, s, v, v - half, v + half) for s, v in ((2, 0.84), (0, 0.80), (1, 0.82))}
+    cells["full"] = _cell(1.0, 0, 0.9, 0.85, 0.93)
+    cells["nan"] = _cell(0.01, 0, float("nan"), float("nan"), float("nan"))
+    agg = pt.aggregate_cells(cells)
+    assert set(agg) == {"resnet18|real|segmentation|linear|0.1", "resnet18|real|segmentation|linear|1",
+                        "resnet18|real|segmentation|linear|0.01"}
+    g = agg["resnet18|real|segmentation|linear|0.1"]
+    assert g["seeds"] == [0, 1, 2]
+    dice = g["metrics"]["dice"]
+    # mean 0.82; seed sd 0.02; half-width 1.96 * sqrt(0.02^2 (test set, not averaged) + 0.02^2 / 3)
+    expected = pt.Z95 * math.sqrt(se**2 + 0.02**2 / 3)
+    assert dice["value"] == pytest.approx(0.82) and dice["seed_sd"] == pytest.approx(0.02)
+    assert dice["low"] == pytest.approx(0.82 - expected) and dice["high"] == pytest.approx(0.82 + expected)
+    assert dice["n_seeds"] == 3 and dice["high"] - dice["low"] > 2 * half  # wider than one seed's CI
+    # one seed keeps its own CI; an undefined metric stays undefined
+    assert {k: agg["resnet18|real|segmentation|linear|1"]["metrics"]["dice"][k] for k in ("value", "low", "high")} \
+        == {"value": 0.9, "low": 0.85, "high": 0.93}
+    assert math.isnan(agg["resnet18|real|segmentation|linear|0.01"]["metrics"]["dice"]["value"])
+    # bounds: unit metrics are clipped to [0, 1], distances only from below
+    near_one = pt.combine_seeds([{"value": v, "low": v - 0.05, "high": min(1.0, v + 0.05)} for v in (0.97, 1.0)])
+    assert near_one["high"] == 1.0 and near_one["value"] == pytest.approx(0.985)
+    hd95 = g["metrics"]["hd95"]  # identical seeds: no seed part, the bootstrap CI as it was; not clipped at 1
+    assert (hd95["value"], hd95["low"], hd95["high"]) == pytest.approx((5.0, 1.0, 9.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw-pixel baseline
+# --------------------------------------------------------------------------------------------------
+def _pixel_problem(n: int, seed: int, signal: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 32x32 uint8 noise images; class 1 has a brighter 8x8 patch (``signal`` noise SDs)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(128, 20, (n, 32, 32))
+    x[:, 4:12, 4:12] += 20 * signal * y[:, None, None]
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def test_raw_pixel_baseline_beats_chance() -> None:
+    from models.evaluation import auc_rows
+
+    (xtr, ytr), (xv, yv), (xte, yte) = (_pixel_problem(n, s, 1.0) for n, s in ((60, 0), (60, 1), (200, 2)))
+    model, selection = pt.fit_pixel_probe(pt.pixel_features(xtr), ytr, pt.pixel_features(xv), yv, (0.01, 1.0))
+    auc = float(auc_rows(model.predict_proba(pt.pixel_features(xte))[:, 1], yte)[0])
+    assert auc > 0.95  # chance is 0.5
+    assert [c["C"] for c in selection["candidates"]] == [0.01, 1.0]
+
+
+def test_raw_pixel_c_is_chosen_on_validation() -> None:
+    grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    (xtr, ytr), (xv, yv) = _pixel_problem(40, 0, 0.3), _pixel_problem(200, 1, 0.3)
+    ftr, fv = pt.pixel_features(xtr), pt.pixel_features(xv)
+    _, sel = pt.fit_pixel_probe(ftr, ytr, fv, yv, grid)
+    aucs = {c["C"]: c["validation_auc"] for c in sel["candidates"]}
+    assert sorted(aucs) == sorted(grid) and len(set(aucs.values())) > 1
+    assert sel["chosen"]["C"] == max(aucs, key=lambda c: (aucs[c], -c))
+    # flipped validation labels turn every validation AUC into 1 - AUC: the choice must follow them
+    _, flipped = pt.fit_pixel_probe(ftr, ytr, fv, 1 - yv, grid)
+    assert flipped["chosen"]["C"] == min(aucs, key=lambda c: (aucs[c], -c)) != sel["chosen"]["C"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic arms from a WebDataset export
+# --------------------------------------------------------------------------------------------------
+def _write_shards(folder: Path, n: int, per_shard: int, card: dict[str, Any] | None = None) -> list[str]:
+    """``n`` samples ``KEY.png`` (48x48 grey) + ``KEY.cls`` in shards of ``per_shard``; returns the keys in order."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    keys = []
+    for start in range(0, n, per_shard):
+        with wds.TarWriter(str(folder / f"data-{start // per_shard:06d}.tar")) as sink:
+            for i in range(start, min(n, start + per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(buf, format="PNG")
+                keys.append(f"{i:07d}")
+                sink.write({"__key__": keys[-1], "png": buf.getvalue(), "cls": str(i % 2).encode()})
+    if card is not None:
+        (folder / "card.json").write_text(json.dumps(card))
+    return keys
+
+
+CARD = {"dataset": {"id": "ds-1", "name": "syn-test", "version": "sha256:abc", "origin": "synthetic"},
+        "generator": {"id": "gen-1", "name": "generator-kermany-224", "resolution": 224},
+        "privacy": {"gate_status": "passed", "summary": {"threshold": 0.9}}}
+
+
+def test_synthetic_subset_takes_the_first_samples(tmp_path: Path) -> None:
+    from models.ssl.shards import index_shards, iter_samples
+
+    keys = _write_shards(tmp_path / "syn", 10, 3)
+    export = pt.open_synthetic(str(tmp_path / "syn"))
+    assert export.index.num_samples == 10 and export.card is None
+    assert pt.synthetic_subset(export, 10, tmp_path / "work") == str(tmp_path / "syn")  # all of it: as given
+    for n in (3, 4, 8):
+        subset = pt.synthetic_subset(export, n, tmp_path / "work")
+        assert isinstance(subset, pt.SubsetShards) and (subset.tail is None) == (n % 3 == 0)
+        index = index_shards(subset)
+        assert index.num_samples == n
+        got = [s["__key__"] for shard, count in zip(index.shards, index.counts, strict=True)
+               for s in iter_samples(index.source, shard, count)]
+        assert got == keys[:n]
+    with pytest.raises(SystemExit, match="holds 10 images; 16 are needed"):
+        pt.synthetic_subset(export, 16, tmp_path / "work")
+    with pytest.raises(SystemExit, match="not a folder of WebDataset shards"):
+        pt.open_synthetic(str(tmp_path / "work" / "absent"))
+    with pytest.raises(SystemExit, match="an export archive"):
+        pt.open_synthetic(str(tmp_path / "syn" / "data-000000.tar"))
+
+
+def test_synthetic_export_feeds_the_synthetic_arms(shared_data: Path, tmp_path: Path) -> None:
+    if not (shared_data / "kermany-pneumonia").is_dir() or not (shared_data / "lung-seg").is_dir():
+        pytest.skip("kermany-pneumonia or lung-seg missing from the shared data")
+    keys = _write_shards(tmp_path / "syn", 20, 3, CARD)
+    doc = pt.main(["--profile", "smoke", "--synthetic", str(tmp_path / "syn"), "--arms",
+                   "synthetic,synthetic-4x,real+synthetic", "--tasks", "classification", "--modes", "linear",
+                   "--fractions", "1", "--threads", "1", "--no-export", "--data-dir", str(shared_data),
+                   "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")])
+    syn = doc["synthetic"]
+    assert syn["source"] == "webdataset export" and syn["images_in_export"] == 20 and syn["card"] == "card.json"
+    assert syn["privacy_gate"] == "passed" and syn["generator"]["name"] == "generator-kermany-224"
+    assert syn["dataset"]["version"] == "sha256:abc" and syn["one_x"] == 4 and syn["multiplied"] == 16
+    pre = doc["pretraining"]
+    assert {k: p["images"] for k, p in pre.items()} == {
+        "resnet18|synthetic": 4, "resnet18|synthetic-4x": 16, "resnet18|real+synthetic": 8}
+    assert pre["resnet18|synthetic"]["data"] == "syn (first 4 samples)"  # streamed from the shards
+    assert pre["resnet18|synthetic-4x"]["data"] == "syn (first 16 samples)"
+    run_dir = Path(doc["run_dir"])
+    assert run_dir.name.endswith(f"-wds{pt.open_synthetic(str(tmp_path / 'syn')).identity()}")
+    mixed = sorted(p.name for p in (run_dir / "data" / "ssl_real_synthetic").rglob("*.png"))
+    assert len(mixed) == 4 and all(f"-{k}.png" in " ".join(mixed) for k in keys[:4])
+    md = (tmp_path / "out" / "paper_table-smoke.md").read_text()
+    assert "WebDataset export" in md and "privacy gate passed" in md and "first 4 (1x) and 16 (4x)" in md
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu-12 and gpu-full
+# --------------------------------------------------------------------------------------------------
+def test_cpu12_plan_prints_its_eta(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = pt.PROFILES["cpu-12"]
+    assert profile.backbones == ("resnet18",) and profile.resolution == 64 and profile.segmentation_resolution >= 128
+    assert profile.ssl_real_images is None and profile.cls_train_images is None and profile.cls_test_images is None
+    assert profile.ssl_steps * profile.ssl_batch >= 150_000
+    assert pt.pretrain_config(profile, "resnet18").precision == "auto"
+    plan = pt.main(["--profile", "cpu-12", "--plan-only", "--cache-dir", str(tmp_path), "--data-dir", str(tmp_path)])
+    # 5 encoder arms x 2 tasks x 2 modes x (3 seeds at 1% and 10% + 1 at 100%), the baseline's 7 cells
+    assert plan["cells"] == 5 * 2 * 2 * 7 + 7 and plan["cells_cached"] == 0
+    eta = plan["eta"]
+    assert eta["ssl_s"] == pytest.approx(4 * profile.ssl_steps * profile.assumed_rates["ssl_s_per_step"])
+    assert eta["sampling_s"] > 0 and eta["total_s"] == pytest.approx(eta["sampling_s"] + eta["ssl_s"]
+                                                                    + eta["evaluation_s"])
+    out = capsys.readouterr().out
+    assert "ETA" in out and "ASSUMED" in out and "150,400 image-views" in out and "segmentation 128 px" in out
+
+
+def test_gpu_full_needs_a_large_export(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="at least 100,000 images: pass --synthetic"):
+        pt.main(["--profile", "gpu-full", "--plan-only", "--cache-dir", str(tmp_path), "--data-dir", str(tmp_path)])
+    _write_shards(tmp_path / "syn", 6, 3)
+    with pytest.raises(SystemExit, match="holds 6"):
+        pt.main(["--profile", "gpu-full", "--plan-only", "--synthetic", str(tmp_path / "syn"),
+                 "--cache-dir", str(tmp_path), "--data-dir", str(tmp_path)])
+
+
+def test_vit_small_224_ssl_steps_on_cpu() -> None:
+    from models.ssl import pretrain
+
+    profile = pt.PROFILES["gpu-full"]
+    assert profile.backbones[0] == "vit_small_patch16_224" and profile.resolution == 224
+    cfg = pt.pretrain_config(profile, "vit_small_patch16_224").replace(
+        max_steps=2, batch_size=2, n_local_crops=0, warmup_steps=0, checkpoint_every=2)
+    images = np.random.default_rng(0).integers(0, 256, (4, 224, 224), dtype=np.uint8)
+    result = pretrain(images, cfg, None, device="cpu")
+    assert result.steps == 2 and len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    assert result.backbone == "vit_small_patch16_224"
+
+
+def test_tar_members_are_copied_whole(tmp_path: Path) -> None:
+    """The tail copy of a shard keeps every member of each sample (image, label, json) byte for byte."""
+    from models.ssl.shards import LocalShards
+
+    _write_shards(tmp_path / "syn", 5, 5)
+    pt.copy_first_samples(LocalShards(tmp_path / "syn"), "data-000000.tar", 2, tmp_path / "tail.tar")
+    with tarfile.open(tmp_path / "syn" / "data-000000.tar") as a, tarfile.open(tmp_path / "tail.tar") as b:
+        names = b.getnames()
+        assert names == a.getnames()[:4]  # two samples x (cls, png)
+        for name in names:
+            assert b.extractfile(name).read() == a.extractfile(name).read()  # type: ignore[union-attr]
