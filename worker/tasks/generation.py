@@ -107,8 +107,9 @@ def load_pipeline(ctx: WorkerContext, generator: Generator) -> Any:
     if key not in _PIPELINES:
         if len(_PIPELINES) >= 2:
             _PIPELINES.pop(next(iter(_PIPELINES)))
-        _PIPELINES[key] = CXRDiffusionPipeline.from_pretrained(path, device=ctx.settings.device,
-                                                               compile=ctx.settings.compile_unet)
+        _PIPELINES[key] = CXRDiffusionPipeline.from_pretrained(
+            path, device=ctx.settings.device, compile=ctx.settings.compile_unet,
+            precision="auto" if ctx.settings.generation_cpu_bf16 else None)
     pipe = _PIPELINES[key]
     pipe.generator_id = generator.id
     return pipe
