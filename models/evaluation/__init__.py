@@ -1,23 +1,34 @@
 """Downstream evaluation of encoders: pneumonia classification, lung segmentation, bootstrap CIs."""
 
 from models.evaluation.bootstrap import Estimate, bootstrap_ci, bootstrap_indices, bootstrap_mean, percentile_interval
+from models.evaluation.calibration import calibration_metrics, calibration_report, fit_temperature
 from models.evaluation.classification import (
+    FINETUNE_AUGMENTATIONS,
     ClassificationConfig,
     EvalMode,
+    FinetuneAugmentation,
     binary_labels,
     evaluate_classification,
+    finetune_augmentation_named,
     write_report,
 )
 from models.evaluation.encoders import SCRATCH, EvalEncoder, extract_features, resolve_encoder
 from models.evaluation.metrics import (
     CLASSIFICATION_METRICS,
     SEGMENTATION_METRICS,
+    THRESHOLD_RULE_NAMES,
+    THRESHOLD_RULES,
+    ThresholdRule,
     auc_rows,
+    balanced_platt_threshold,
     choose_threshold,
     classification_metrics,
     classification_metrics_with_ci,
+    group_metrics,
+    group_metrics_with_ci,
     segmentation_metrics,
     summarise_per_image,
+    threshold_rule,
 )
 from models.evaluation.segmentation import (
     MaskPair,
@@ -26,37 +37,51 @@ from models.evaluation.segmentation import (
     evaluate_segmentation,
     list_mask_pairs,
 )
-from models.evaluation.splits import TrainValSplit, stratified_subsample, validation_split
+from models.evaluation.splits import TrainValSplit, hold_out_groups, stratified_subsample, validation_split
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "FINETUNE_AUGMENTATIONS",
     "SCRATCH",
     "SEGMENTATION_METRICS",
+    "THRESHOLD_RULES",
+    "THRESHOLD_RULE_NAMES",
     "ClassificationConfig",
     "Estimate",
     "EvalEncoder",
     "EvalMode",
+    "FinetuneAugmentation",
     "MaskPair",
     "SegmentationConfig",
+    "ThresholdRule",
     "TrainValSplit",
     "auc_rows",
+    "balanced_platt_threshold",
     "binary_labels",
     "bootstrap_ci",
     "bootstrap_indices",
     "bootstrap_mean",
     "build_segmentation_model",
+    "calibration_metrics",
+    "calibration_report",
     "choose_threshold",
     "classification_metrics",
     "classification_metrics_with_ci",
     "evaluate_classification",
     "evaluate_segmentation",
     "extract_features",
+    "finetune_augmentation_named",
+    "fit_temperature",
+    "group_metrics",
+    "group_metrics_with_ci",
+    "hold_out_groups",
     "list_mask_pairs",
     "percentile_interval",
     "resolve_encoder",
     "segmentation_metrics",
     "stratified_subsample",
     "summarise_per_image",
+    "threshold_rule",
     "validation_split",
     "write_report",
 ]

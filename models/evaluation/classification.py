@@ -6,10 +6,17 @@ Protocol (the same for every arm of the paper table, so arms differ only by the 
 2. A validation split is carved from the training folder: patient-level, stratified, seeded
    (:func:`models.evaluation.splits.validation_split`); the label fraction subsamples the rest.
 3. Model selection on validation AUC only: the L2 strength ``C`` of the linear probe, or the epoch
-   of fine-tuning. The decision threshold is chosen on the validation scores too (Youden's J by
-   default, or F1-max).
+   of fine-tuning. The decision threshold is chosen on the validation scores too, by a rule of
+   :data:`models.evaluation.metrics.THRESHOLD_RULES` (Youden's J by default; F1-max; equal error;
+   ``balanced-platt``, which does not follow the validation prevalence).
 4. The test folder is scored once, by the selected model at the selected threshold: AUC, F1,
    accuracy, sensitivity, specificity with stratified bootstrap 95% CIs.
+5. Optionally (``shifted_holdout``), whole patient groups of the training folder, e.g. the
+   ``NORMAL2-IM-*`` acquisition batch plus a group of pneumonia patients, are set aside before step 2:
+   never trained on, never used for selection, scored like the test folder (specificity at the chosen
+   threshold is the number that falls when normals of a new period look different).
+6. Every report carries calibration (ECE, Brier; before/after a temperature fitted on validation
+   logits) and the threshold, test and shifted metrics of every registered rule (point estimates).
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -31,24 +38,63 @@ from models.callbacks import OnStep, no_progress
 from models.data.folders import ImageRecord, images_to_array, list_image_folder
 from models.device import autocast_for, pick_device
 from models.evaluation.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
+from models.evaluation.calibration import DEFAULT_BINS, calibration_report, sigmoid
 from models.evaluation.encoders import EvalEncoder, extract_features, resolve_encoder
 from models.evaluation.metrics import (
+    THRESHOLD_RULES,
     ThresholdRule,
     auc_rows,
     choose_threshold,
     classification_metrics,
     classification_metrics_with_ci,
+    group_metrics,
+    group_metrics_with_ci,
+    threshold_rule,
 )
-from models.evaluation.splits import validation_split
-from models.ssl.augment import finetune_augmentation, normalize, to_unit_float
+from models.evaluation.splits import TrainValSplit, hold_out_groups, validation_split
+from models.ssl.augment import (
+    XRayAugment,
+    finetune_augmentation,
+    normalize,
+    shift_robust_augmentation,
+    to_unit_float,
+)
 
 EvalMode = Literal["linear", "finetune"]
 REPORT_FORMAT = "cxrsynth-evaluation/1"
 
+FinetuneAugmentation = Literal["mild", "shift-robust"]
+# Name -> builder(size) of the on-device fine-tuning augmentation; the single source of the names
+# (``FinetuneAugmentation`` must match it, checked at import time and by a unit test).
+FINETUNE_AUGMENTATIONS: dict[str, Callable[[int], XRayAugment]] = {
+    "mild": finetune_augmentation,  # crops keep >= 70%, +-10% intensity, no blur
+    "shift-robust": shift_robust_augmentation,  # +-30% intensity, gamma 0.7-1.5, blur, crops keep >= 50%
+}
+if get_args(FinetuneAugmentation) != tuple(FINETUNE_AUGMENTATIONS):
+    raise RuntimeError(f"FinetuneAugmentation {get_args(FinetuneAugmentation)} differs from "
+                       f"FINETUNE_AUGMENTATIONS {tuple(FINETUNE_AUGMENTATIONS)}")
+
+
+def finetune_augmentation_named(name: str, size: int) -> XRayAugment:
+    """The registered fine-tuning augmentation ``name`` at ``size``; ``ValueError`` for an unknown name."""
+    if name not in FINETUNE_AUGMENTATIONS:
+        raise ValueError(f"unknown fine-tuning augmentation {name!r}: choose one of "
+                         f"{', '.join(FINETUNE_AUGMENTATIONS)}")
+    return FINETUNE_AUGMENTATIONS[name](size)
+
 
 @dataclass(frozen=True)
 class ClassificationConfig:
-    """Settings of a classification evaluation other than the encoder, the data, the mode and the fraction."""
+    """Settings of a classification evaluation other than the encoder, the data, the mode and the fraction.
+
+    ``augmentation`` defaults to "mild", measured (docs/results/shift_robustness.md: scratch ResNet-18,
+    64 px, 6 epochs, 2 seeds, NORMAL2 normals + person1500-1999 held out as the shifted group): the
+    "shift-robust" preset did not raise the shifted group's specificity (0.914 at Youden, 0.929 at
+    balanced-platt, vs 0.925 / 0.924 with "mild") and cost in-distribution accuracy (val AUC 0.993 vs
+    0.997, test specificity 0.947 vs 1.000 at Youden) and calibration (test ECE 0.18-0.22 vs 0.08-0.09).
+    ``threshold_rule`` stays "youden": "balanced-platt" gave the same figures there (shifted specificity
+    0.924 vs 0.925) and is steadier under resampling; "f1" fell to 0.823 on the shifted group.
+    """
 
     val_fraction: float = 0.2
     threshold_rule: ThresholdRule = "youden"
@@ -63,7 +109,9 @@ class ClassificationConfig:
     learning_rate: float = 1e-3  # encoder (4-epoch CPU check: 1e-3 >> 3e-4 > 1e-4 from scratch)
     head_learning_rate: float = 1e-3
     weight_decay: float = 0.05
-    augment: bool = True
+    augment: bool = True  # False: no augmentation at all, whatever ``augmentation`` says
+    # Which FINETUNE_AUGMENTATIONS entry; "mild" by measurement (class docstring).
+    augmentation: FinetuneAugmentation = "mild"
     # scratch baseline
     scratch_model: str = "resnet18"
     scratch_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -71,12 +119,24 @@ class ClassificationConfig:
     n_resamples: int = DEFAULT_RESAMPLES
     confidence: float = DEFAULT_CONFIDENCE
     feature_batch_size: int = 64
+    calibration_bins: int = DEFAULT_BINS
+    # Patient-id glob patterns of training-folder patients set aside as a shifted held-out group
+    # (e.g. ("NORMAL2-IM-*", "person1[5-9]??")); empty: none.
+    shifted_holdout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("need epochs >= 1 and batch_size >= 2")
         if not self.linear_c_grid:
             raise ValueError("linear_c_grid must not be empty")
+        threshold_rule(self.threshold_rule)  # unknown names fail here, before any training
+        if self.augmentation not in FINETUNE_AUGMENTATIONS:
+            raise ValueError(f"unknown fine-tuning augmentation {self.augmentation!r}: choose one of "
+                             f"{', '.join(FINETUNE_AUGMENTATIONS)}")
+        if isinstance(self.shifted_holdout, str):
+            raise ValueError("shifted_holdout is a tuple of patterns, not one string")
+        if self.calibration_bins < 2:
+            raise ValueError("calibration_bins must be >= 2")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -102,6 +162,29 @@ def binary_labels(
 
 def _same_folder(a: str | Path, b: str | Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
+
+
+@dataclass(frozen=True)
+class _Carved:
+    """The training folder cut into training, validation and (optionally) the shifted held-out group."""
+
+    split: TrainValSplit[ImageRecord]
+    shifted: list[ImageRecord]
+    y_train: np.ndarray
+    y_val: np.ndarray
+    y_shifted: np.ndarray
+
+
+def _carve(records: list[ImageRecord], y_pool: np.ndarray, cfg: ClassificationConfig, label_fraction: float) -> _Carved:
+    """Hold out the shifted patient groups (if any), then the patient-level validation split of the rest."""
+    pool, shifted = hold_out_groups(records, cfg.shifted_holdout) if cfg.shifted_holdout else (records, [])
+    split = validation_split(pool, val_fraction=cfg.val_fraction, label_fraction=label_fraction, seed=cfg.seed)
+    index = {r.path: i for i, r in enumerate(records)}
+    ys = [y_pool[[index[r.path] for r in part]].astype(np.int64) for part in (split.train, split.val, shifted)]
+    for part, y in (("training", ys[0]), ("validation", ys[1])):
+        if y.min() == y.max():
+            raise ValueError(f"the {part} split has one class only; use more images or a larger fraction")
+    return _Carved(split, shifted, *ys)
 
 
 def evaluate_classification(
@@ -137,33 +220,22 @@ def evaluate_classification(
 
     enc = resolve_encoder(encoder, scratch_model=cfg.scratch_model, scratch_kwargs=cfg.scratch_kwargs,
                           resolution=cfg.resolution, seed=cfg.seed)
-    split = validation_split(train_records, val_fraction=cfg.val_fraction, label_fraction=label_fraction,
-                             seed=cfg.seed)
-    index = {r.path: i for i, r in enumerate(train_records)}
-    y_train = y_pool[[index[r.path] for r in split.train]]
-    y_val = y_pool[[index[r.path] for r in split.val]]
-    for part, y in (("training", y_train), ("validation", y_val)):
-        if y.min() == y.max():
-            raise ValueError(f"the {part} split has one class only; use more images or a larger fraction")
+    carved = _carve(train_records, y_pool, cfg, label_fraction)
+    split = carved.split
 
-    # Decode everything up front (fails fast on a corrupt file); the test pixels are not looked at
-    # until the selected model scores them at the end.
+    # Decode everything up front (fails fast on a corrupt file); the test and shifted pixels are not
+    # looked at until the selected model scores them at the end.
     res, aspect = enc.resolution, enc.aspect_mode
-    x_train = images_to_array([r.path for r in split.train], res, aspect, threads=2)  # type: ignore[arg-type]
-    x_val = images_to_array([r.path for r in split.val], res, aspect, threads=2)  # type: ignore[arg-type]
-    x_test = images_to_array([r.path for r in test_records], res, aspect, threads=2)  # type: ignore[arg-type]
-
-    if mode == "linear":
-        selection, val_scores, score_test = _linear_probe(enc, x_train, y_train, x_val, y_val, cfg, dev, on_step)
-    else:
-        selection, val_scores, score_test = _finetune(enc, x_train, y_train, x_val, y_val, cfg, dev, on_step)
-
-    threshold = choose_threshold(val_scores, y_val, cfg.threshold_rule)
-    validation = classification_metrics(val_scores, y_val, threshold)
-    test_scores = score_test(x_test)
-    metrics = classification_metrics_with_ci(
-        test_scores, y_test, threshold, n_resamples=cfg.n_resamples, confidence=cfg.confidence, seed=cfg.seed
+    x_train, x_val, x_test, x_shifted = (
+        images_to_array([r.path for r in rs], res, aspect, threads=2)  # type: ignore[arg-type]
+        for rs in (split.train, split.val, test_records, carved.shifted)
     )
+
+    run = _linear_probe if mode == "linear" else _finetune
+    selection, val_logits, score_test = run(enc, x_train, carved.y_train, x_val, carved.y_val, cfg, dev, on_step)
+    logits = {"validation": (val_logits, carved.y_val), "test": (score_test(x_test), y_test)}
+    if carved.shifted:
+        logits["shifted"] = (score_test(x_shifted), carved.y_shifted)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "task": "classification",
@@ -181,11 +253,10 @@ def evaluate_classification(
             "test_counts": {names[0]: int((y_test == 0).sum()), names[1]: int((y_test == 1).sum())},
             "patient_level": True,
             "val_fraction": cfg.val_fraction,
+            "shifted_holdout": _shifted_summary(carved, cfg, names),
         },
         "model_selection": {"criterion": "validation AUC", **selection},
-        "threshold": {"rule": cfg.threshold_rule, "value": threshold, "chosen_on": "validation"},
-        "validation": validation,
-        "metrics": {k: v.to_dict() for k, v in metrics.items()},
+        **_scored_sections(logits, cfg),
         "bootstrap": {"method": "percentile, stratified by class", "n_resamples": cfg.n_resamples,
                       "confidence": cfg.confidence, "seed": cfg.seed},
         "config": cfg.to_dict(),
@@ -195,6 +266,50 @@ def evaluate_classification(
     if json_path is not None:
         write_report(report, json_path)
     return report
+
+
+def _shifted_summary(carved: _Carved, cfg: ClassificationConfig, names: tuple[str, str]) -> dict[str, Any] | None:
+    if not carved.shifted:
+        return None
+    y = carved.y_shifted
+    return {"patterns": list(cfg.shifted_holdout), "images": len(carved.shifted),
+            "patients": len({r.patient_id for r in carved.shifted}),
+            "counts": {names[0]: int((y == 0).sum()), names[1]: int((y == 1).sum())},
+            "used_for": "scoring only: never trained on, never used for model or threshold selection"}
+
+
+def _scored_sections(logits: dict[str, tuple[np.ndarray, np.ndarray]], cfg: ClassificationConfig) -> dict[str, Any]:
+    """Threshold, validation/test(/shifted) metrics, calibration and every rule's figures from the logits.
+
+    ``logits`` maps "validation", "test" and optionally "shifted" to (logits, 0/1 labels). Only the
+    validation entry chooses anything; the others are scored at what it chose.
+    """
+    probs = {k: (sigmoid(z), y) for k, (z, y) in logits.items()}
+    val_scores, y_val = probs["validation"]
+    threshold = choose_threshold(val_scores, y_val, cfg.threshold_rule)
+    ci: dict[str, Any] = {"n_resamples": cfg.n_resamples, "confidence": cfg.confidence, "seed": cfg.seed}
+    test = classification_metrics_with_ci(*probs["test"], threshold, **ci)
+    out: dict[str, Any] = {
+        "threshold": {"rule": cfg.threshold_rule, "value": threshold, "chosen_on": "validation"},
+        "validation": classification_metrics(val_scores, y_val, threshold),
+        "metrics": {k: v.to_dict() for k, v in test.items()},
+    }
+    if "shifted" in probs:
+        shifted = group_metrics_with_ci(*probs["shifted"], threshold, **ci)
+        out["shifted"] = {"metrics": {k: v.to_dict() for k, v in shifted.items()}}
+    out["calibration"] = calibration_report(*logits["validation"], {k: v for k, v in logits.items()
+                                                                    if k != "validation"}, cfg.calibration_bins)
+    out["threshold_rules"] = _rule_table(probs)
+    return out
+
+
+def _rule_table(probs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Every registered rule's validation threshold and the point metrics it gives on each split."""
+    table: dict[str, Any] = {}
+    for name in THRESHOLD_RULES:
+        thr = choose_threshold(*probs["validation"], name)  # type: ignore[arg-type]
+        table[name] = {"value": thr, **{k: group_metrics(s, y, thr) for k, (s, y) in probs.items()}}
+    return table
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -211,7 +326,10 @@ def _linear_probe(
     enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
     cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
 ) -> tuple[dict[str, Any], np.ndarray, Any]:
-    """Frozen features + scikit-learn logistic regression; ``C`` chosen by validation AUC."""
+    """Frozen features + scikit-learn logistic regression; ``C`` chosen by validation AUC.
+
+    Returns the selection, the validation logits and a function giving the logits of more images.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -235,15 +353,17 @@ def _linear_probe(
         on_step(3 + i, total, f"linear probe C={c:g}: validation AUC {auc:.4f}")
     assert best is not None
     clf = best[1]
-    val_scores = clf.predict_proba(z_val)[:, 1]
+    val_logits = np.asarray(clf.decision_function(z_val), dtype=np.float64)
 
     def score(images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros(0)
         feats = extract_features(module, images, enc.mean, enc.std, dev, cfg.feature_batch_size)
-        return np.asarray(clf.predict_proba(scaler.transform(feats))[:, 1])
+        return np.asarray(clf.decision_function(scaler.transform(feats)), dtype=np.float64)
 
     selection = {"chosen": {"C": float(clf.C)}, "validation_auc": best[0], "candidates": candidates,
                  "head": "logistic regression (L2, class-balanced) on standardised frozen features"}
-    return selection, val_scores, score
+    return selection, val_logits, score
 
 
 class _Classifier(nn.Module):
@@ -258,12 +378,13 @@ class _Classifier(nn.Module):
 
 @torch.inference_mode()
 def _predict(model: nn.Module, images: np.ndarray, enc: EvalEncoder, dev: torch.device, batch: int) -> np.ndarray:
+    """Float64 logits of uint8 images (logits, not probabilities: temperature scaling needs them)."""
     model.eval()
-    out = []
+    out = [np.zeros(0)]
     for i in range(0, len(images), batch):
         x = normalize(to_unit_float(torch.from_numpy(images[i : i + batch]).to(dev)), enc.mean, enc.std)
         with autocast_for(dev):
-            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+            out.append(model(x).float().cpu().numpy().astype(np.float64))
     return np.concatenate(out)
 
 
@@ -280,12 +401,15 @@ def _finetune(
     enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
     cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
 ) -> tuple[dict[str, Any], np.ndarray, Any]:
-    """Encoder + linear head trained end to end; the epoch with the best validation AUC is kept."""
+    """Encoder + linear head trained end to end; the epoch with the best validation AUC is kept.
+
+    Returns the selection, the validation logits and a function giving the logits of more images.
+    """
     from lightly.utils.scheduler import CosineWarmupScheduler
 
     torch.manual_seed(cfg.seed)
     model = _Classifier(enc.fresh_copy(), enc.num_features).to(dev)
-    augment = finetune_augmentation(enc.resolution).to(dev) if cfg.augment else None
+    augment = finetune_augmentation_named(cfg.augmentation, enc.resolution).to(dev) if cfg.augment else None
     optimizer = torch.optim.AdamW(
         [{"params": model.backbone.parameters(), "lr": cfg.learning_rate},
          {"params": model.head.parameters(), "lr": cfg.head_learning_rate}],
@@ -324,11 +448,12 @@ def _finetune(
             best = (val_auc, epoch, copy.deepcopy(model.state_dict()))
     assert best is not None
     model.load_state_dict(best[2])
-    val_scores = _predict(model, x_val, enc, dev, cfg.feature_batch_size)
+    val_logits = _predict(model, x_val, enc, dev, cfg.feature_batch_size)
 
     def score(images_: np.ndarray) -> np.ndarray:
         return _predict(model, images_, enc, dev, cfg.feature_batch_size)
 
     selection = {"chosen": {"epoch": best[1]}, "validation_auc": best[0], "candidates": history,
-                 "head": "linear head on the fine-tuned encoder, class-weighted BCE"}
-    return selection, val_scores, score
+                 "head": "linear head on the fine-tuned encoder, class-weighted BCE",
+                 "augmentation": cfg.augmentation if cfg.augment else None}
+    return selection, val_logits, score

@@ -5,10 +5,14 @@ near-duplicates, and leaking them would make model selection optimistic), label-
 seeded (``models.data.folders.patient_split``). It does not depend on the label fraction, so every
 arm of a label-efficiency curve is selected on the same validation images. The label fraction then
 subsamples the training side, stratified by label and seeded. The test folder is never an input here.
+
+:func:`hold_out_groups` sets whole patient groups aside first (e.g. the ``NORMAL2-IM-*`` acquisition
+batch): a shifted set that is neither trained on nor used for model selection, scored on its own.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,3 +108,27 @@ def validation_split(
     sub = stratified_subsample([records[i].label or "" for i in train_idx], label_fraction, seed)
     train = [seq[train_idx[j]] for j in sub]
     return TrainValSplit(train, [seq[i] for i in val_idx], len(train_idx))
+
+
+def hold_out_groups(
+    records: Sequence[ImageRecord], patterns: Sequence[str]
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Split ``records`` into (kept, held out) by patient-id glob patterns (case-insensitive).
+
+    Patterns match the patient id (``NORMAL2-IM-*``, ``person1[5-9]??``), never a file name, so a
+    patient is always wholly on one side. Raises ``ValueError`` when a pattern matches no patient (a
+    typo would otherwise silently hold out nothing) or when nothing is left to train on.
+    """
+    pats = [p.lower() for p in patterns]
+    if not pats:
+        raise ValueError("give at least one patient-id pattern to hold out")
+    patients = {r.patient_id.lower() for r in records}
+    for p in pats:
+        if not fnmatch.filter(patients, p):
+            raise ValueError(f"hold-out pattern {p!r} matches no patient id (ids look like {sorted(patients)[:3]})")
+    out = {pid for pid in patients if any(fnmatch.fnmatchcase(pid, p) for p in pats)}
+    kept = [r for r in records if r.patient_id.lower() not in out]
+    held = [r for r in records if r.patient_id.lower() in out]
+    if not kept:
+        raise ValueError(f"hold-out patterns {list(patterns)} match every patient: nothing left to train on")
+    return kept, held

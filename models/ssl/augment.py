@@ -168,3 +168,20 @@ def finetune_augmentation(size: int) -> XRayAugment:
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """``(x - mean) / std`` on ``[0, 1]`` pixels: the encoder's input convention (in its config.json)."""
     return (images - mean) / std
+
+
+def shift_robust_augmentation(size: int) -> XRayAugment:
+    """Stronger fine-tuning augmentation against a change of acquisition (site, period, device).
+
+    Compared with :func:`finetune_augmentation`: wider exposure changes (brightness and contrast
+    +-30%, gamma 0.7-1.5, on 80% / 50% of the images) for other kVp/mAs and look-up tables; Gaussian
+    blur on 30% for other detector sharpness and resampling; random resized crops keeping 50-100% of
+    the image at aspect 0.8-1.25 (zoom) for other collimation, patient size and the upstream squash to a
+    square; +-10 degree tilt. Still no flip (laterality) and no solarize (not a fine-tuning view).
+    Per-image random parameters on the whole batch, on the training device.
+    """
+    return XRayAugment(
+        AugmentConfig(size=size, crop_scale=(0.5, 1.0), crop_ratio=(0.8, 1.25), rotation_degrees=10.0,
+                      rotation_p=0.5, brightness=0.3, contrast=0.3, intensity_p=0.8, gamma=(0.7, 1.5),
+                      gamma_p=0.5, blur_p=0.3)
+    )
