@@ -20,20 +20,29 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.cli_common import (
+    ApiKeyOpt,
+    ApiUrl,
+    console,
+    fail,
+    local_tenant,
+    progress_bar,
+    run_embedded_job,
+    validation_message,
+)
 from app.cli_export import datasets_export
 from app.cli_privacy import privacy_check_cmd, privacy_index_cmd
 from app.cli_ssl import evaluate_app, pretrain_cmd
 from app.core.config import Settings, get_settings
 from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, GENERATOR_KINDS, check_image_sizes, kind_for_resolution
+from models.samplers import DEFAULT_SAMPLER, sampler_help
 
 app = typer.Typer(help="cxrsynth: privacy-safe synthetic chest X-rays and encoders pretrained on them.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -50,19 +59,6 @@ app.add_typer(evaluate_app, name="evaluate")  # app/cli_ssl.py
 app.command("pretrain")(pretrain_cmd)
 app.command("privacy-check")(privacy_check_cmd)  # app/cli_privacy.py
 app.command("privacy-index")(privacy_index_cmd)
-
-console = Console(stderr=True)
-LOCAL_TENANT = "local"
-
-ApiUrl = Annotated[str | None, typer.Option("--api", envvar="CXRSYNTH_API_URL", help="API base URL (remote mode).")]
-ApiKeyOpt = Annotated[str | None, typer.Option("--key", envvar="CXRSYNTH_API_KEY", help="API key (remote mode).")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print a clear error and exit non-zero (no traceback for user errors)."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
 
 def _client(api: str | None, key: str | None) -> Any:
     from app.client import CxrsynthClient
@@ -149,7 +145,7 @@ def serve(
     import uvicorn
 
     from app.db.session import migrate
-    from worker.lifeline import PARENT_PID_ENV
+    from app.embedded import lifeline_env
 
     if "CXRSYNTH_PUBLIC_BASE_URL" not in os.environ:
         # Signed download links of the local store must point at this server.
@@ -166,7 +162,7 @@ def serve(
                 console.print(f"re-queued {n} unfinished job(s)")
         # One solo worker process: the machine's cores go to torch inside it. It watches this pid and
         # exits if this process dies without stopping it (SIGKILL, crash): see worker/lifeline.py.
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**os.environ, **lifeline_env()}
         proc = subprocess.Popen(_worker_command("gpu,cpu", 1, "solo", embedded=True), env=env)
         console.print(f"worker started (pid {proc.pid})")
     if settings.embedded:
@@ -235,18 +231,13 @@ def tenants_create(name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------------------
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                    console=console)
-
-
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option(help="Folder for PNGs + manifest.csv (embedded) or the zip (remote).")],
     n: Annotated[int | None, typer.Option(help="Number of images.")] = None,
     label: Annotated[str | None, typer.Option(help="One label for all images, e.g. pneumonia.")] = None,
     counts: Annotated[str | None, typer.Option(help="Per-label counts, e.g. normal=8,pneumonia=8.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpmsolver++ | unipc | sde-dpmsolver++.")] = None,
+    sampler: Annotated[str | None, typer.Option(help=sampler_help())] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed; image i comes from (seed, i).")] = None,
@@ -282,7 +273,7 @@ def _generate_remote(api: str, key: str | None, out: Path, body: dict[str, Any],
         if not wait:
             print(job.id)
             return
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("generating", total=None)
 
             def show(j: Any) -> None:
@@ -305,15 +296,11 @@ def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, 
     from pydantic import ValidationError
 
     from app.core.problems import ProblemError
-    from app.core.queue import TASK_START_JOB
-    from app.db.orm import Dataset, Job
+    from app.db.orm import Dataset
     from app.db.session import get_sessionmaker, migrate
     from app.schemas.jobs import GenerationRequest
     from app.services.generations import create_generation
     from app.services.model_assets import ensure_builtin_generators
-    from worker.dispatch import InlineDispatcher
-    from worker.runtime import WorkerContext
-    from worker.tasks.jobs import task_registry
 
     settings = get_settings()
     if generator_dir is not None:
@@ -327,9 +314,9 @@ def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, 
     try:
         request = GenerationRequest.model_validate(body)
     except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
+        fail(validation_message(exc))
     with sessions() as s:
-        tenant = _local_tenant(s)
+        tenant = local_tenant(s)
         ensure_builtin_generators(s, settings)
         try:
             # Records the job exactly as the API does (validation, limits, params the worker reads).
@@ -337,42 +324,13 @@ def _generate_embedded(out: Path, n: int | None, counts: dict[str, int] | None, 
         except ProblemError as exc:
             fail(str(exc.detail))
         job_id = job.id
-    ctx = WorkerContext(settings, dispatcher=InlineDispatcher({}))
-    dispatcher = InlineDispatcher(task_registry(ctx))
-    ctx.dispatcher = dispatcher
-    dispatcher.send(TASK_START_JOB, job_id)
-    done = threading.Event()
-    with _progress() as bar:
-        task = bar.add_task("generating", total=None)
-
-        def poll() -> None:
-            while not done.wait(0.5):
-                with sessions() as s2:
-                    j = s2.get(Job, job_id)
-                    if j is not None:
-                        bar.update(task, completed=j.progress_step, total=j.progress_total or None,
-                                   description=(j.progress_message or j.status)[:60])
-
-        t = threading.Thread(target=poll, daemon=True)
-        t.start()
-        try:
-            dispatcher.drain()
-        finally:
-            done.set()
-            t.join()
-        with sessions() as s3:
-            j = s3.get(Job, job_id)
-            if j is not None:
-                bar.update(task, completed=j.progress_step, total=j.progress_total or None,
-                           description=j.status)
+    finished, store = run_embedded_job(settings, job_id, "generating", final_status=True)
+    if finished.status != "succeeded":
+        fail(f"job {finished.id} {finished.status}: {json.dumps(finished.error)}", code=1)
     with sessions() as s:
-        finished = s.get(Job, job_id)
-        assert finished is not None
-        if finished.status != "succeeded":
-            fail(f"job {finished.id} {finished.status}: {json.dumps(finished.error)}", code=1)
         dataset = s.get(Dataset, (finished.result or {})["dataset_id"])
         assert dataset is not None
-    written = _export_folder(ctx, dataset, out)
+    written = _export_folder(store, dataset, out)
     console.print(f"[green]{written} images[/] in {out} (manifest.csv, card.json); job {job_id}, dataset {dataset.id}; "
                   f"embedded state in {settings.data_dir}")
     console.print(_gate_line(dataset.gate_status, dataset.privacy or {}))
@@ -389,32 +347,20 @@ def _gate_line(status: str, summary: dict[str, Any]) -> str:
             f"{counts.get('failed_images', 0)} still too close (privacy_report.json, privacy_report.png)")
 
 
-def _local_tenant(s: Any) -> Any:
-    from sqlalchemy import select
-
-    from app.db.orm import Tenant
-    from app.services.tenants import create_tenant
-
-    tenant = s.scalar(select(Tenant).where(Tenant.name == LOCAL_TENANT))
-    if tenant is None:
-        tenant, _ = create_tenant(s, LOCAL_TENANT)
-    return tenant
-
-
-def _export_folder(ctx: Any, dataset: Any, out: Path) -> int:
+def _export_folder(store: Any, dataset: Any, out: Path) -> int:
     """Copy a dataset's images, manifest, card and privacy report from the store into ``out`` (label subfolders)."""
     out.mkdir(parents=True, exist_ok=True)
     n = 0
-    for obj in ctx.store.list(dataset.prefix + "/"):
+    for obj in store.list(dataset.prefix + "/"):
         dest = out / obj.key[len(dataset.prefix) + 1:]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        ctx.store.download_file(obj.key, dest)
+        store.download_file(obj.key, dest)
         n += 1
     base = dataset.prefix.rsplit("/", 1)[0]
     for name, target in (("manifest.csv", "manifest.csv"), ("card.json", "card.json"),
                          ("privacy/report.json", "privacy_report.json"), ("privacy/report.png", "privacy_report.png")):
-        if ctx.store.exists(f"{base}/{name}"):
-            ctx.store.download_file(f"{base}/{name}", out / target)
+        if store.exists(f"{base}/{name}"):
+            store.download_file(f"{base}/{name}", out / target)
     return n
 
 
@@ -460,7 +406,7 @@ def train_generator_cmd(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("training", total=steps)
 
         def on_step(step: int, total: int, message: str) -> None:
@@ -485,7 +431,7 @@ def generator_report_cmd(
     real: Annotated[Path, typer.Option(help="Real ImageFolder to compare with (e.g. kermany-pneumonia).")],
     json_out: Annotated[Path, typer.Option("--json", help="Where the report JSON is written.")],
     n: Annotated[int, typer.Option(help="Synthetic images to sample.")] = 1000,
-    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmsolver++ | unipc | sde-dpmsolver++.")] = "dpmsolver++",
+    sampler: Annotated[str, typer.Option(help=sampler_help())] = DEFAULT_SAMPLER,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (sampler default when unset).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the samples and of the real halves.")] = 0,
@@ -499,7 +445,7 @@ def generator_report_cmd(
         fail(f"{generator} is not a generator folder (no cxrsynth.json)")
     if n < 2:
         fail(f"--n must be at least 2 (got {n})")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("report", total=None)
 
         def on_step(step: int, total: int, message: str) -> None:
@@ -540,7 +486,7 @@ def jobs_list(api: ApiUrl = None, key: ApiKeyOpt = None, kind: str | None = None
 @jobs_app.command("watch")
 def jobs_watch(job_id: str, api: ApiUrl = None, key: ApiKeyOpt = None) -> None:
     """Follow a job until it finishes."""
-    with _client(api, key) as c, _progress() as bar:
+    with _client(api, key) as c, progress_bar() as bar:
         task = bar.add_task(job_id, total=None)
         job = c.wait(job_id, on_progress=lambda j: bar.update(
             task, completed=j.progress.step, total=j.progress.total or None,

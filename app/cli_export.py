@@ -14,29 +14,13 @@
 from __future__ import annotations
 
 import getpass
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True)
-
-ApiUrl = Annotated[str | None, typer.Option("--api", envvar="CXRSYNTH_API_URL", help="API base URL (remote mode).")]
-ApiKeyOpt = Annotated[str | None, typer.Option("--key", envvar="CXRSYNTH_API_KEY", help="API key (remote mode).")]
-
-
-class ExportFormatChoice(StrEnum):
-    zip = "zip"
-    webdataset = "webdataset"
-    dicom = "dicom"
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+from app.cli_common import ApiKeyOpt, ApiUrl, console, fail, progress_bar
+from models.release.writers import ExportFormat  # the choices: the registry, EXPORT_FORMATS (checked equal)
 
 
 def _target(out: Path, filename: str) -> Path:
@@ -46,7 +30,7 @@ def _target(out: Path, filename: str) -> Path:
 def datasets_export(
     dataset_id: Annotated[str, typer.Argument(help="Dataset id.")],
     out: Annotated[Path, typer.Option("--out", help="Output file, or an existing folder.")],
-    format: Annotated[ExportFormatChoice, typer.Option("--format", help="Export format.")] = ExportFormatChoice.zip,
+    format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = "zip",
     override_reason: Annotated[str | None, typer.Option(
         help="Embedded only: release a synthetic dataset whose privacy gate did not pass; recorded.")] = None,
     actor: Annotated[str | None, typer.Option(help="Who overrides (default cli:<user>).")] = None,
@@ -54,10 +38,10 @@ def datasets_export(
     key: ApiKeyOpt = None,
 ) -> None:
     """Export a dataset as zip (PNG + manifest.csv + card), WebDataset shards or synthetic-marked DICOM."""
-    fmt = format.value
+    fmt = format
     if api:
         if override_reason:
-            _fail("--override-reason works on the local database only; through the API an admin overrides "
+            fail("--override-reason works on the local database only; through the API an admin overrides "
                   "with POST /v1/admin/datasets/ID/gate-override")
         _export_remote(api, key, dataset_id, fmt, out)
     else:
@@ -68,14 +52,14 @@ def _export_remote(api: str, key: str | None, dataset_id: str, fmt: str, out: Pa
     from app.client import ApiError, CxrsynthClient
 
     if not key:
-        _fail("remote mode needs --key KEY (or CXRSYNTH_API_KEY)")
+        fail("remote mode needs --key KEY (or CXRSYNTH_API_KEY)")
     with CxrsynthClient(api, key) as c:
         try:
             with console.status(f"waiting for the {fmt} export"):
                 link = c.dataset_download_link(dataset_id, fmt)
             path = c.download_dataset(dataset_id, _target(out, link.filename), fmt)
         except ApiError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     console.print(f"[green]exported[/] {path}")
 
 
@@ -95,18 +79,17 @@ def _export_embedded(dataset_id: str, fmt: str, out: Path, override_reason: str 
             ds = releases.get_any_dataset(s, dataset_id)
             releases.check_format(ds, fmt)
             if ds.status != "ready":
-                _fail(f"dataset {ds.id} is {ds.status}, not ready")
+                fail(f"dataset {ds.id} is {ds.status}, not ready")
             if not releases.release_allowed(ds):
                 if override_reason is None:
-                    _fail(f"dataset {ds.id}: privacy gate {ds.gate_status}, not passed; it is not released. Give "
+                    fail(f"dataset {ds.id}: privacy gate {ds.gate_status}, not passed; it is not released. Give "
                           "--override-reason TEXT to release it anyway (the override is recorded).")
                 if len(override_reason.strip()) < 10:
-                    _fail("--override-reason must say why, in at least 10 characters")
+                    fail("--override-reason must say why, in at least 10 characters")
                 who = actor or f"cli:{getpass.getuser()}"
                 ds = releases.override_gate(s, ds.id, who, override_reason)
                 console.print(f"[yellow]privacy gate overridden[/] by {who} (recorded)")
-            with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                          console=console) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(f"{fmt} export", total=ds.num_images or None)
 
                 def on_step(step: int, total: int, message: str) -> None:
@@ -115,7 +98,7 @@ def _export_embedded(dataset_id: str, fmt: str, out: Path, override_reason: str 
                 key = releases.build_export_now(s, store, ds, fmt, on_step=on_step)
             target = _target(out, export_filename(ds, fmt))
         except ProblemError as exc:
-            _fail(exc.detail)
+            fail(exc.detail)
     target.parent.mkdir(parents=True, exist_ok=True)
     store.download_file(key, target)
     console.print(f"[green]exported[/] {target} ({target.stat().st_size:,} bytes, {ds.num_images} images)")

@@ -14,29 +14,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                    console=console)
+from app.cli_common import console, fail, progress_bar
 
 
 def _check_folder(path: Path, option: str) -> None:
     if not path.is_dir():
-        _fail(f"{option} {path}: no such folder")
+        fail(f"{option} {path}: no such folder")
 
 
 def privacy_check_cmd(
@@ -61,13 +50,13 @@ def privacy_check_cmd(
     _check_folder(train_data, "--train-data")
     _check_folder(images, "--images")
     if generator is not None and not (generator / "cxrsynth.json").is_file():
-        _fail(f"--generator {generator} is not a generator folder (no cxrsynth.json)")
+        fail(f"--generator {generator} is not a generator folder (no cxrsynth.json)")
     if holdout is not None:
         _check_folder(holdout, "--holdout")
     if not 0.0 < quantile <= 1.0:
-        _fail(f"--quantile must be in (0, 1], got {quantile}")
+        fail(f"--quantile must be in (0, 1], got {quantile}")
     png_path = png or json_out.with_suffix(".png")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("privacy check", total=None)
 
         def on_step(step: int, total: int, message: str) -> None:
@@ -78,7 +67,7 @@ def privacy_check_cmd(
                                   resolution=resolution, quantile=quantile, png_path=png_path, device=device,
                                   on_step=on_step)
         except (ValueError, FileNotFoundError, EmbeddingMismatch) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2) + "\n")
     c, t = report["counts"], report["thresholds"]
@@ -104,13 +93,13 @@ def privacy_index_cmd(
     from models.privacy.index import build_for_generator
 
     if not (generator / "cxrsynth.json").is_file():
-        _fail(f"--generator {generator} is not a generator folder (no cxrsynth.json)")
+        fail(f"--generator {generator} is not a generator folder (no cxrsynth.json)")
     _check_folder(train_data, "--train-data")
     if holdout is not None:
         _check_folder(holdout, "--holdout")
     if not 0.0 < quantile <= 1.0:
-        _fail(f"--quantile must be in (0, 1], got {quantile}")
-    with _progress() as bar:
+        fail(f"--quantile must be in (0, 1], got {quantile}")
+    with progress_bar() as bar:
         task = bar.add_task("privacy index", total=None)
 
         def on_step(step: int, total: int, message: str) -> None:
@@ -120,7 +109,7 @@ def privacy_index_cmd(
             cal = build_for_generator(generator, train_data, holdout=holdout, quantile=quantile, device=device,
                                       on_step=on_step)
         except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     ref = cal.reference
     console.print(f"[green]privacy index written[/] to {generator}: thresholds pixel {cal.pixel_threshold:.4f}, "
                   f"embedding {cal.embedding_threshold:.4f} (q={cal.quantile} of {ref['num_reference_images']} "

@@ -23,26 +23,26 @@ import zipfile
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+from app.cli_common import (
+    ApiKeyOpt,
+    ApiUrl,
+    console,
+    fail,
+    local_tenant,
+    progress_bar,
+    run_embedded_job,
+    validation_message,
+)
+from models.ssl_methods import DEFAULT_SSL_METHOD, SSLMethod  # the choices: the registry (checked equal)
 
 evaluate_app = typer.Typer(help="Downstream evaluation of an encoder (pneumonia classification, lung segmentation); "
                                 "writes a JSON report.", no_args_is_help=True)
-
-ApiUrl = Annotated[str | None, typer.Option("--api", envvar="CXRSYNTH_API_URL", help="API base URL (remote mode).")]
-ApiKeyOpt = Annotated[str | None, typer.Option("--key", envvar="CXRSYNTH_API_KEY", help="API key (remote mode).")]
-
-
-class Method(StrEnum):
-    dino = "dino"
-    simclr = "simclr"
-
 
 class Backbone(StrEnum):
     resnet18 = "resnet18"
@@ -55,17 +55,6 @@ class Mode(StrEnum):
     finetune = "finetune"
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Print a clear error and exit non-zero (same shape as ``app.cli.fail``)."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                    console=console)
-
-
 # --------------------------------------------------------------------------------------------------
 # pretrain
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +65,7 @@ def pretrain_cmd(
     dataset_id: Annotated[list[str] | None, typer.Option(
         "--dataset-id", help="Dataset id(s) of a pretraining job (repeatable): remote with --api/--key, "
                              "else on the embedded service.")] = None,
-    method: Annotated[Method, typer.Option(help="Self-supervised method.")] = Method.dino,
+    method: Annotated[SSLMethod, typer.Option(help="Self-supervised method.")] = DEFAULT_SSL_METHOD,
     backbone: Annotated[Backbone, typer.Option(help="timm backbone (one input channel).")] = Backbone.resnet18,
     resolution: Annotated[int, typer.Option(help="Input size in pixels (a multiple of 16).")] = 64,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data, converted to steps (default 100 "
@@ -95,19 +84,19 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain a chest X-ray encoder with DINO or SimCLR and export it for plain timm."""
     if (data is None) == (not dataset_id):
-        _fail("give either --data DIR (run here) or --dataset-id ID (a pretraining job)")
+        fail("give either --data DIR (run here) or --dataset-id ID (a pretraining job)")
     if epochs is not None and steps is not None:
-        _fail("give --epochs or --steps, not both")
+        fail("give --epochs or --steps, not both")
     for flag, value in (("--epochs", epochs), ("--steps", steps)):
         if value is not None and value < 1:
-            _fail(f"{flag} must be at least 1 (got {value})")
+            fail(f"{flag} must be at least 1 (got {value})")
     if resolution < 32 or resolution % 16:
-        _fail(f"--resolution must be a multiple of 16 and at least 32 (got {resolution})")
+        fail(f"--resolution must be a multiple of 16 and at least 32 (got {resolution})")
     if batch_size < 2:
-        _fail(f"--batch-size must be at least 2 (got {batch_size})")
+        fail(f"--batch-size must be at least 2 (got {batch_size})")
     if dataset_id:
         body: dict[str, Any] = {
-            "dataset_ids": list(dataset_id), "name": name or out.name, "method": method.value,
+            "dataset_ids": list(dataset_id), "name": name or out.name, "method": method,
             "backbone": backbone.value, "resolution": resolution, "batch_size": batch_size, "seed": seed,
             "fp16": fp16,
         }
@@ -123,7 +112,7 @@ def pretrain_cmd(
             _pretrain_embedded(body, out)
         return
     assert data is not None
-    _pretrain_local(data, out, method.value, backbone.value, resolution, epochs, steps, batch_size, learning_rate,
+    _pretrain_local(data, out, method, backbone.value, resolution, epochs, steps, batch_size, learning_rate,
                     seed, resume, checkpoint_dir or out.with_name(out.name + ".ckpt"), fp16, device)
 
 
@@ -140,13 +129,13 @@ def _pretrain_local(
     try:
         n_images = len(list_image_folder(data))
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     max_steps = steps if steps is not None else steps_for_epochs(epochs or DEFAULT_EPOCHS, n_images, batch_size)
     has_checkpoint = (ckpt / CHECKPOINT_NAME).is_file()
     if resume and not has_checkpoint:
-        _fail(f"--resume: no checkpoint in {ckpt}")
+        fail(f"--resume: no checkpoint in {ckpt}")
     if has_checkpoint and not resume:
-        _fail(f"a checkpoint of an unfinished run is in {ckpt}: pass --resume to continue it, or delete it")
+        fail(f"a checkpoint of an unfinished run is in {ckpt}: pass --resume to continue it, or delete it")
     overrides: dict[str, Any] = dict(
         method=method, backbone=backbone, resolution=resolution, max_steps=max_steps, batch_size=batch_size,
         seed=seed, warmup_steps=min(PretrainConfig.warmup_steps, max_steps // 10), export_fp16=fp16,
@@ -157,7 +146,7 @@ def _pretrain_local(
     try:
         config = PretrainConfig(**overrides)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"{method} on {backbone} at {resolution} px: {n_images:,} images, {max_steps:,} steps of "
                   f"{batch_size}")
     # Ctrl-C stops between two steps with the state checkpointed (the library saves it on Canceled).
@@ -166,7 +155,7 @@ def _pretrain_local(
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set()) if in_main else None
     done = [0]
     try:
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("pretraining", total=max_steps)
 
             def on_step(step: int, total: int, message: str) -> None:
@@ -179,7 +168,7 @@ def _pretrain_local(
                 result = pretrain(data, config, out, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
                                   device=device)
             except (ValueError, FileNotFoundError) as exc:
-                _fail(str(exc))
+                fail(str(exc))
             except Canceled:
                 console.print(f"[yellow]interrupted[/] after step {done[0]}/{max_steps}; the state is in {ckpt}: "
                               "run the same command with --resume to continue")
@@ -196,20 +185,20 @@ def _pretrain_remote(api: str, key: str | None, body: dict[str, Any], out: Path)
     from app.client import ApiError, CxrsynthClient
 
     if not key:
-        _fail("remote mode needs --key KEY (or CXRSYNTH_API_KEY)")
+        fail("remote mode needs --key KEY (or CXRSYNTH_API_KEY)")
     with CxrsynthClient(api, key) as c:
         try:
             job = c.create_pretraining(**body)
         except ApiError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"job {job.id} {job.status.value}")
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("pretraining", total=None)
             job = c.wait(job.id, on_progress=lambda j: bar.update(
                 task, completed=j.progress.step, total=j.progress.total or None,
                 description=(j.progress.message or j.status.value)[:60]))
         if job.status.value != "succeeded":
-            _fail(f"job {job.id} {job.status.value}: {json.dumps(job.error)}", code=1)
+            fail(f"job {job.id} {job.status.value}: {json.dumps(job.error)}", code=1)
         encoder_id = (job.result or {})["encoder_id"]
         with tempfile.TemporaryDirectory() as tmp:
             archive = c.download_encoder(encoder_id, Path(tmp) / "encoder.zip")
@@ -224,70 +213,23 @@ def _unpack_encoder(archive: Path, out: Path) -> None:
             zf.extractall(tmp)
         configs = sorted(Path(tmp).rglob("config.json"))
         if not configs:
-            _fail(f"{archive} holds no config.json")
+            fail(f"{archive} holds no config.json")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(configs[0].parent, out)
 
 
-def run_embedded_job(settings: Any, job_id: str, description: str) -> Any:
-    """Run a recorded job with the worker's task code in this process (progress bar from the DB);
-    returns the finished ``Job`` row (detached)."""
-    from app.core.queue import TASK_START_JOB
-    from app.db.orm import Job
-    from app.db.session import get_sessionmaker
-    from worker.dispatch import InlineDispatcher
-    from worker.runtime import WorkerContext
-    from worker.tasks.jobs import task_registry
-
-    sessions = get_sessionmaker(settings.database_url)
-    ctx = WorkerContext(settings, dispatcher=InlineDispatcher({}))
-    dispatcher = InlineDispatcher(task_registry(ctx))
-    ctx.dispatcher = dispatcher
-    dispatcher.send(TASK_START_JOB, job_id)
-    done = threading.Event()
-    with _progress() as bar:
-        task = bar.add_task(description, total=None)
-
-        def show() -> None:
-            with sessions() as s:
-                j = s.get(Job, job_id)
-                if j is not None:
-                    bar.update(task, completed=j.progress_step, total=j.progress_total or None,
-                               description=(j.progress_message or j.status)[:60])
-
-        def poll() -> None:
-            while not done.wait(0.5):
-                show()
-
-        t = threading.Thread(target=poll, daemon=True)
-        t.start()
-        try:
-            dispatcher.drain()
-        finally:
-            done.set()
-            t.join()
-        show()
-    with sessions() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-    return job
-
-
 def _pretrain_embedded(body: dict[str, Any], out: Path) -> None:
     """Record a pretraining job on the embedded database and run it here; copy the encoder to ``out``."""
     from pydantic import ValidationError
 
-    from app.cli import _local_tenant
     from app.core.config import get_settings
     from app.core.problems import ProblemError
     from app.db.orm import Encoder
     from app.db.session import get_sessionmaker, migrate
     from app.schemas.jobs import PretrainingRequest
     from app.services.ssl_jobs import create_pretraining
-    from app.storage import build_store
 
     settings = get_settings()
     migrate(settings.database_url)
@@ -295,18 +237,17 @@ def _pretrain_embedded(body: dict[str, Any], out: Path) -> None:
     try:
         request = PretrainingRequest.model_validate(body)
     except ValidationError as exc:
-        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors()))
+        fail(validation_message(exc))
     with sessions() as s:
-        tenant = _local_tenant(s)
+        tenant = local_tenant(s)
         try:
             job, _ = create_pretraining(s, settings, tenant.id, request, enqueue=False)
         except ProblemError as exc:
-            _fail(str(exc.detail))
+            fail(str(exc.detail))
         job_id = job.id
-    finished = run_embedded_job(settings, job_id, "pretraining")
+    finished, store = run_embedded_job(settings, job_id, "pretraining")
     if finished.status != "succeeded":
-        _fail(f"job {job_id} {finished.status}: {json.dumps(finished.error)}", code=1)
-    store = build_store(settings)
+        fail(f"job {job_id} {finished.status}: {json.dumps(finished.error)}", code=1)
     with sessions() as s:
         enc = s.get(Encoder, (finished.result or {})["encoder_id"])
         assert enc is not None and enc.prefix
@@ -343,15 +284,15 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 def _check_common(encoder: str, label_fraction: float, bootstrap: int, epochs: int | None,
                   resolution: int | None) -> None:
     if not 0.0 < label_fraction <= 1.0:
-        _fail(f"--label-fraction must be in (0, 1] (got {label_fraction})")
+        fail(f"--label-fraction must be in (0, 1] (got {label_fraction})")
     if bootstrap < 10:
-        _fail(f"--bootstrap must be at least 10 (got {bootstrap})")
+        fail(f"--bootstrap must be at least 10 (got {bootstrap})")
     if epochs is not None and epochs < 1:
-        _fail(f"--epochs must be at least 1 (got {epochs})")
+        fail(f"--epochs must be at least 1 (got {epochs})")
     if resolution is not None and resolution < 16:
-        _fail(f"--resolution must be at least 16 (got {resolution})")
+        fail(f"--resolution must be at least 16 (got {resolution})")
     if not encoder.startswith("scratch") and not Path(encoder).is_dir():
-        _fail(f"encoder not found: {encoder} (give an encoder folder, 'scratch' or 'scratch:<timm name>')")
+        fail(f"encoder not found: {encoder} (give an encoder folder, 'scratch' or 'scratch:<timm name>')")
 
 
 def _finish_report(report: dict[str, Any], json_out: Path | None, primary: tuple[str, ...]) -> None:
@@ -377,7 +318,7 @@ def _run_evaluation(task: str, evaluate: Callable[..., dict[str, Any]], config_c
     kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution}
     if epochs is not None:
         kwargs["epochs"] = epochs
-    with _progress() as bar:
+    with progress_bar() as bar:
         bar_task = bar.add_task(task, total=None)
 
         def on_step(step: int, total: int, message: str) -> None:
@@ -387,7 +328,7 @@ def _run_evaluation(task: str, evaluate: Callable[..., dict[str, Any]], config_c
             report = evaluate(encoder, train_data, test_data, mode=mode.value, label_fraction=label_fraction,
                               config=config_cls(**kwargs), json_path=json_out, on_step=on_step, device=device)
         except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     _finish_report(report, json_out, primary)
 
 

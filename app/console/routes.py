@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -56,8 +56,8 @@ from app.core.config import Settings
 from app.core.problems import Forbidden, InvalidInput, NotFound, ProblemError
 from app.db.orm import ACTIVE_STATUSES, Encoder, Generator, JobKind, Tenant
 from app.schemas.common import DownloadLink
-from app.schemas.datasets import DatasetImage, DownloadFormat
-from app.schemas.jobs import DEFAULT_STEPS, SAMPLERS, GenerationRequest
+from app.schemas.datasets import DatasetImage
+from app.schemas.jobs import GenerationRequest
 from app.services import datasets as datasets_svc
 from app.services import jobs as jobs_svc
 from app.services import model_assets as assets_svc
@@ -66,6 +66,8 @@ from app.services.generations import create_generation
 from app.services.pagination import encode_cursor
 from app.services.tenants import authenticate
 from app.storage.base import ObjectStore
+from models.release.writers import FORMATS
+from models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "/console"
@@ -271,7 +273,7 @@ def _job_row(job: Any) -> dict[str, Any]:
 
 
 def _form_defaults() -> dict[str, str]:
-    return {"n": "", "sampler": "dpmsolver++", "guidance_scale": "2.0", "num_inference_steps": "", "seed": "",
+    return {"n": "", "sampler": DEFAULT_SAMPLER, "guidance_scale": "2.0", "num_inference_steps": "", "seed": "",
             "label": "", "name": "", "generator_id": ""}
 
 
@@ -444,7 +446,7 @@ def _image_views(ds: Any, store: ObjectStore, items: list[DatasetImage], start: 
 def _formats(ds: Any | None = None) -> list[str]:
     """The export formats the download service offers (for ``ds``: those its kind of dataset has), so a
     new format shows up here by itself."""
-    names = list(get_args(DownloadFormat))
+    names = list(FORMATS)  # the registry: models/release/writers.py::EXPORT_FORMATS
     if ds is None:
         return names
     offered = set(formats_for(ds))

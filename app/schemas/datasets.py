@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.release.writers import ExportFormat
+
 
 class DatasetOut(BaseModel):
     """A dataset. Image ``file`` paths in the manifest are relative to ``prefix`` (``LABEL/NAME.png``)."""
@@ -49,4 +51,5 @@ class RegisterDatasetRequest(BaseModel):
     prefix: str = Field(min_length=1, max_length=1000)
 
 
-DownloadFormat = Literal["zip", "webdataset", "dicom"]
+# The export format registry is models/release/writers.py::EXPORT_FORMATS (this literal is checked against it).
+DownloadFormat = ExportFormat

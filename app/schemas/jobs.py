@@ -53,11 +53,13 @@ from models.generator_kinds import (
     TRAINABLE_RESOLUTIONS,
     kind_for_resolution,
 )
+from models.samplers import DEFAULT_SAMPLER, SamplerName
+from models.samplers import DEFAULT_STEPS as DEFAULT_STEPS  # re-exported: app.services.generations reads it here
+from models.samplers import SAMPLERS as SAMPLERS
+from models.ssl_methods import DEFAULT_SSL_METHOD, SSLMethod
 
-Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++")
-# Steps per sampler when a request gives none (as models.diffusion.pipeline.DEFAULT_STEPS).
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20, "sde-dpmsolver++": 20}
+# The lists these schemas offer are the registries of models/ (samplers: models/samplers.py; SSL methods:
+# models/ssl_methods.py; job kinds: app.db.orm.JobKind); their literals are checked against them at import.
 SEED_MAX = 2**32 - 1
 MAX_PRETRAINING_STEPS = 1_000_000
 
@@ -120,7 +122,7 @@ class GenerationRequest(BaseModel):
     n: int | None = Field(None, ge=1, description="Number of images (at most max_images_per_job).")
     counts: dict[str, int] | None = Field(None, description="Images per label, e.g. {'pneumonia': 8}.")
     label: str | None = Field(None, min_length=1, max_length=100, description="One label for all n images.")
-    sampler: Sampler = "dpmsolver++"
+    sampler: SamplerName = DEFAULT_SAMPLER
     num_inference_steps: int | None = Field(None, ge=1, le=1000,
                                             description="Default per sampler: ddpm 1000, ddim 50, others 20.")
     guidance_scale: float = Field(2.0, ge=0.0, le=20.0, description="Classifier-free guidance; 0 = off.")
@@ -193,7 +195,7 @@ class PretrainingRequest(BaseModel):
 
     dataset_ids: list[str] = Field(min_length=1, max_length=32)
     name: str = Field(min_length=1, max_length=200)
-    method: Literal["dino", "simclr"] = "dino"
+    method: SSLMethod = DEFAULT_SSL_METHOD
     backbone: Literal["resnet18", "resnet50", "vit_small_patch16_224"] = "resnet18"
     resolution: int = Field(64, ge=32, le=512, description="Input size in pixels, a multiple of 16.")
     epochs: int | None = Field(None, ge=1, le=10_000)
@@ -246,7 +248,7 @@ class GenerationParams(BaseModel):
     counts: dict[str, int] = Field(description="Images per label, in generator label order (no zeros).")
     label_ids: dict[str, int | None] = Field(
         description="Generator class id of each label in counts; null = unconditional (the null class).")
-    sampler: Sampler
+    sampler: SamplerName
     num_inference_steps: int
     guidance_scale: float
     seed: int = Field(description="Image i is sampled from seed (seed, i).")
@@ -305,7 +307,7 @@ class PretrainingParams(BaseModel):
     datasets: list[PretrainingDataset]
     num_images: int
     name: str = Field(description="Name of the encoder the job creates.")
-    method: Literal["dino", "simclr"]
+    method: SSLMethod
     backbone: Literal["resnet18", "resnet50", "vit_small_patch16_224"]
     resolution: int
     epochs: int | None = Field(description="As requested (null when steps were given).")

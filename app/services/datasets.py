@@ -42,8 +42,8 @@ from app.services import releases
 from app.services.exports import (
     ManifestRow,
     build_zip_export,
+    dataset_image_key,
     dataset_root,
-    image_key,
     manifest_csv,
     parse_manifest,
     signed_download,
@@ -287,7 +287,7 @@ def list_dataset_images(
     items = []
     for r in page:
         suffix = PurePosixPath(r.file).suffix.lower()
-        link = signed_download(store, settings, image_key(ds, r.file), PurePosixPath(r.file).name,
+        link = signed_download(store, settings, dataset_image_key(ds, r.file), PurePosixPath(r.file).name,
                                _CONTENT_TYPES.get(suffix, "application/octet-stream"))
         items.append(DatasetImage(file=r.file, label=r.label, sha256=r.sha256, url=link.url,
                                   expires_at=link.expires_at))

@@ -43,11 +43,18 @@ from models.release.manifest import (
     parse_manifest,
     read_header,
 )
-from models.release.writers import CONTENT_TYPE, FORMATS, SUFFIX, ReleaseRecord, ReleaseSpec, write_release
+from models.release.writers import (
+    CONTENT_TYPE,
+    FORMATS,
+    REAL_IMAGE_FORMATS,
+    SUFFIX,
+    ReleaseRecord,
+    ReleaseSpec,
+    write_release,
+)
 
 __all__ = [
     "BASE_FIELDS",
-    "EXPORT_FORMATS",
     "MANIFEST_FIELDS",
     "ManifestRow",
     "build_dataset_export",
@@ -61,8 +68,6 @@ __all__ = [
     "read_manifest",
 ]
 
-EXPORT_FORMATS = FORMATS
-REAL_FORMATS = ("zip", "webdataset")  # DICOM export says "synthetic" in every file: never for real images
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 READ_WORKERS = 8  # images read ahead in threads: S3 answers each GET with latency
 _ALREADY_COMPRESSED = (".png", ".jpg", ".jpeg", ".zip", ".safetensors", ".gz")
@@ -79,8 +84,9 @@ def dataset_root(dataset: Dataset) -> str:
 
 
 def formats_for(dataset: Dataset) -> tuple[str, ...]:
-    """Export formats a dataset offers: all three for synthetic datasets, zip and WebDataset for real ones."""
-    return EXPORT_FORMATS if dataset.origin == "synthetic" else REAL_FORMATS
+    """Export formats a dataset offers (``models.release.writers.EXPORT_FORMATS``): every one for synthetic
+    datasets; real ones lack the synthetic-only formats (DICOM says "synthetic" in every file)."""
+    return FORMATS if dataset.origin == "synthetic" else REAL_IMAGE_FORMATS
 
 
 def dataset_export_key(dataset: Dataset, fmt: str = "zip") -> str:
@@ -98,7 +104,7 @@ def export_content_type(fmt: str) -> str:
     return CONTENT_TYPE[fmt]
 
 
-def image_key(dataset: Dataset, file: str) -> str:
+def dataset_image_key(dataset: Dataset, file: str) -> str:
     """Object key of a manifest ``file`` of ``dataset``."""
     return f"{dataset.prefix.rstrip('/')}/{file}"
 
@@ -204,7 +210,7 @@ def build_dataset_export(
         def records() -> Iterator[ReleaseRecord]:
             with manifest_path.open(newline="", encoding="utf-8") as mf:
                 for row in iter_manifest(mf):
-                    yield ReleaseRecord(row, reader(image_key(dataset, row.file)))
+                    yield ReleaseRecord(row, reader(dataset_image_key(dataset, row.file)))
 
         out = Path(tmp) / f"export{SUFFIX[fmt]}"
         write_release(fmt, out, records(), spec, on_step=on_step)
@@ -230,7 +236,7 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def write_zip(path: Path, members: Iterable[tuple[str, Callable[[], IO[bytes]]]]) -> None:
+def write_members_zip(path: Path, members: Iterable[tuple[str, Callable[[], IO[bytes]]]]) -> None:
     """Write a zip at ``path`` streaming each ``(arcname, open)`` member (no member is held in memory)."""
     with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
         for arcname, opener in members:
@@ -250,7 +256,7 @@ def build_folder_zip_from_store(store: ObjectStore, prefix: str, key: str, exclu
     members = [(k[len(base):], (lambda k=k: store.open(k))) for k in keys]  # type: ignore[misc]
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         path = Path(tmp) / "export.zip"
-        write_zip(path, members)
+        write_members_zip(path, members)
         store.put_file(key, path, "application/zip")
     return key
 
@@ -261,7 +267,7 @@ def build_folder_zip_from_disk(folder: Path, store: ObjectStore, key: str) -> st
     members = [(p.relative_to(folder).as_posix(), (lambda p=p: p.open("rb"))) for p in files]
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         path = Path(tmp) / "export.zip"
-        write_zip(path, members)  # type: ignore[arg-type]
+        write_members_zip(path, members)  # type: ignore[arg-type]
         store.put_file(key, path, "application/zip")
     return key
 

@@ -44,6 +44,7 @@ from app.services.exports import (
 )
 from app.storage.base import ObjectNotFound, ObjectStore, tenant_key
 from models.callbacks import OnStep, no_progress
+from models.release.writers import EXPORT_FORMATS
 
 log = logging.getLogger("cxrsynth.releases")
 audit = logging.getLogger("cxrsynth.audit")
@@ -146,9 +147,10 @@ def check_format(ds: Dataset, fmt: str) -> None:
     """409 ``format-not-available`` when the dataset has no export in ``fmt`` (DICOM of real images)."""
     available = formats_for(ds)
     if fmt not in available:
-        raise Conflict(f"a {ds.origin} dataset has no {fmt} export" + (
-            ": DICOM files of this service say every image is synthetic" if fmt == "dicom" else ""),
-            slug="format-not-available", available=list(available))
+        spec = EXPORT_FORMATS.get(fmt)
+        why = spec.synthetic_only if spec is not None else None
+        raise Conflict(f"a {ds.origin} dataset has no {fmt} export" + (f": {why}" if why else ""),
+                       slug="format-not-available", available=list(available))
 
 
 def request_export(

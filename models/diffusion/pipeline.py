@@ -32,34 +32,21 @@ from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepSchedu
 
 from models.callbacks import OnStep, no_progress
 from models.device import Precision, autocast_for, pick_device, resolve_precision
+from models.samplers import DEFAULT_STEPS, SAMPLERS, check_sampler
 
 # diffusers schedulers share no typed base class that declares step / set_timesteps / timesteps.
 Scheduler = Any
-Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "sde-dpmsolver++"]
 OutputType = Literal["np", "pil", "pt"]
 
-#: sampler name -> (diffusers scheduler class, extra config overrides)
-SAMPLERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
-    "ddpm": (DDPMScheduler, {}),
-    # eta = 0 (deterministic DDIM); "trailing" spacing reaches t = T-1, where v-prediction on a
-    # cosine schedule starts from (almost) pure noise.
-    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
-    "dpmsolver++": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
-         "lower_order_final": True, "final_sigmas_type": "zero"},
-    ),
-    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "timestep_spacing": "trailing",
-                                        "lower_order_final": True}),
-    # Stochastic DPM-Solver++ (SDE): fresh noise each step, like DDPM's ancestral sampler, from the
-    # image's own generator.
-    "sde-dpmsolver++": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing",
-         "lower_order_final": True, "final_sigmas_type": "zero"},
-    ),
+# The sampler registry is models/samplers.py (light, read by the API too); this maps its scheduler
+# class names to the classes. A registry entry naming another class fails here, at import.
+_SCHEDULER_CLASSES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)
 }
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20, "unipc": 20, "sde-dpmsolver++": 20}
+_unknown = sorted({spec.scheduler for spec in SAMPLERS.values()} - set(_SCHEDULER_CLASSES))
+if _unknown:
+    raise RuntimeError(f"models/samplers.py names scheduler classes the pipeline does not import: {_unknown}")
 DEFAULT_GUIDANCE = 2.0
 
 
@@ -77,13 +64,11 @@ def make_scheduler(base_config: Mapping[str, Any], sampler: str) -> Scheduler:
     """A fresh diffusers scheduler of type ``sampler`` built from the trained scheduler's config.
 
     The training config supplies the noise schedule and prediction type; the sampler adds its own
-    settings (see :data:`SAMPLERS`). Raises ``ValueError`` for an unknown sampler name.
+    settings (see :data:`models.samplers.SAMPLERS`). Raises ``ValueError`` for an unknown sampler name.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    cls, overrides = SAMPLERS[sampler]
+    spec = check_sampler(sampler)
     # from_config ignores keys the class does not know (e.g. DDPM's variance_type for DPM-Solver).
-    return cls.from_config(dict(base_config), **overrides)
+    return _SCHEDULER_CLASSES[spec.scheduler].from_config(dict(base_config), **spec.config)
 
 
 def plan_generation(

@@ -33,18 +33,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar, get_args
 
 from models.callbacks import OnStep, no_progress
 from models.release.card import CardInputs, card_markdown, dataset_card
 from models.release.dicom import SyntheticDicomEncoder, patient_id, pixels_of
 from models.release.manifest import ManifestRow, ManifestWriter
 
-ExportFormat = Literal["zip", "webdataset", "dicom"]
-FORMATS: tuple[ExportFormat, ...] = ("zip", "webdataset", "dicom")
-SUFFIX: dict[str, str] = {"zip": ".zip", "webdataset": "-webdataset.tar", "dicom": "-dicom.zip"}
-CONTENT_TYPE: dict[str, str] = {"zip": "application/zip", "webdataset": "application/x-tar",
-                                "dicom": "application/zip"}
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 TAR_MTIME = 315532800  # 1980-01-01T00:00:00Z, the zip epoch: fixed so archives are reproducible
 TAR_OWNER = "cxrsynth"
@@ -414,8 +409,36 @@ def write_dicom(path: Path, records: Iterable[ReleaseRecord], spec: ReleaseSpec,
     return ReleaseResult("dicom", path, progress.done, image_bytes, path.stat().st_size, card)
 
 
-WRITERS: dict[str, Callable[..., ReleaseResult]] = {"zip": write_zip, "webdataset": write_webdataset,
-                                                    "dicom": write_dicom}
+@dataclass(frozen=True)
+class ExportFormatSpec:
+    """One export format: its file name suffix, MIME type, writer, and whether real images may use it."""
+
+    suffix: str
+    content_type: str
+    writer: Callable[..., ReleaseResult]
+    #: why real (non-synthetic) datasets have no export in this format; None: they have one
+    synthetic_only: str | None = None
+
+
+#: The registry of export formats (name -> spec), in the order the API and the CLI list them. The API
+#: schema (``DownloadFormat``), ``cxrsynth datasets export --format``, the service and the console read it.
+EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
+    "zip": ExportFormatSpec(".zip", "application/zip", write_zip),
+    "webdataset": ExportFormatSpec("-webdataset.tar", "application/x-tar", write_webdataset),
+    "dicom": ExportFormatSpec("-dicom.zip", "application/zip", write_dicom,
+                              synthetic_only="DICOM files of this service say every image is synthetic"),
+}
+FORMATS: tuple[str, ...] = tuple(EXPORT_FORMATS)
+REAL_IMAGE_FORMATS: tuple[str, ...] = tuple(n for n, f in EXPORT_FORMATS.items() if f.synthetic_only is None)
+SUFFIX: dict[str, str] = {n: f.suffix for n, f in EXPORT_FORMATS.items()}
+CONTENT_TYPE: dict[str, str] = {n: f.content_type for n, f in EXPORT_FORMATS.items()}
+WRITERS: dict[str, Callable[..., ReleaseResult]] = {n: f.writer for n, f in EXPORT_FORMATS.items()}
+
+# For typing (and FastAPI's query enum) only; the check below keeps it equal to the registry.
+ExportFormat = Literal["zip", "webdataset", "dicom"]
+if get_args(ExportFormat) != FORMATS:
+    raise RuntimeError(f"models.release.writers: the ExportFormat literal {get_args(ExportFormat)} differs from "
+                       f"EXPORT_FORMATS {FORMATS}")
 
 
 def write_release(fmt: str, path: Path, records: Iterable[ReleaseRecord], spec: ReleaseSpec,

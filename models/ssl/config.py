@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from models.data.folders import AspectMode
 from models.device import PRECISIONS, Precision
-
-SSLMethod = Literal["dino", "simclr"]
+from models.ssl_methods import SSLMethod, check_ssl_method
 
 # Backbones the product documents and tests; any timm model with ``in_chans`` and ``num_classes=0``
 # works (e.g. ``test_vit`` for tests), these are just the ones the paper table uses.
@@ -82,8 +81,7 @@ class PretrainConfig:
     export_fp16: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in ("dino", "simclr"):
-            raise ValueError(f"method must be 'dino' or 'simclr', got {self.method!r}")
+        check_ssl_method(self.method)  # the registry: models/ssl_methods.py
         if self.resolution < 16:
             raise ValueError("resolution must be >= 16")
         if self.max_steps <= 0 or self.batch_size <= 0:

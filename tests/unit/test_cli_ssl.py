@@ -116,7 +116,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(slices: dict[str, Path], tmp_pa
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     enc, ckpt = tmp_path / "enc", tmp_path / "enc.ckpt"
     args = ["pretrain", "--data", str(slices["train"]), "--out", str(enc), "--steps", "3", *TINY]
-    monkeypatch.setattr(cli_ssl, "_progress", lambda: _InterruptAfterFirstStep(console=cli_ssl.console))
+    monkeypatch.setattr(cli_ssl, "progress_bar", lambda: _InterruptAfterFirstStep(console=cli_ssl.console))
     result = runner.invoke(app, args)
     assert result.exit_code == 130, result.output
     assert "--resume" in result.output and (ckpt / "checkpoint.pt").is_file() and not enc.exists()
@@ -180,7 +180,7 @@ def test_bad_input_fails_clearly(args: list[str], needle: str, slices: dict[str,
 
 
 def test_pretrain_dataset_id_runs_an_embedded_job(embedded: Any, slices: dict[str, Path], tmp_path: Path) -> None:
-    from app.cli import _local_tenant
+    from app.cli_common import local_tenant
     from app.db.orm import Encoder, Job
     from app.db.session import get_sessionmaker, migrate
     from app.services.datasets import create_uploaded_dataset
@@ -194,7 +194,7 @@ def test_pretrain_dataset_id_runs_an_embedded_job(embedded: Any, slices: dict[st
             images.append(_write_png(im.resize((48, 48)), f.parent.name.lower(), f.stem + ".png",
                                      tmp_path / "prepared", f.name))
     with get_sessionmaker(embedded.database_url)() as s:
-        tenant = _local_tenant(s)
+        tenant = local_tenant(s)
         ds = create_uploaded_dataset(s, build_store(embedded), tenant.id, "kermany-slice", images)
         ds_id = ds.id
     out = tmp_path / "enc"

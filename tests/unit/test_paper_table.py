@@ -153,7 +153,7 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
 def _evaluate_embedded(settings: Any, tenant_id: str, encoder_id: str, data: Path, tmp_path: Path) -> Any:
     """Upload train/test ImageFolders (the smoke run's classification folders) to the embedded store and run
     an evaluation job with the worker's code in this process."""
-    from app.cli_ssl import run_embedded_job
+    from app.cli_common import run_embedded_job
     from app.db.session import get_sessionmaker
     from app.schemas.jobs import EvaluationRequest
     from app.services.datasets import create_uploaded_dataset
@@ -174,7 +174,8 @@ def _evaluate_embedded(settings: Any, tenant_id: str, encoder_id: str, data: Pat
             {"encoder_id": encoder_id, "train_dataset_id": ids["cls_train"], "test_dataset_id": ids["cls_test"]})
         job, _ = create_evaluation(s, settings, tenant_id, request, enqueue=False)
         job_id = job.id
-    return run_embedded_job(settings, job_id, "evaluation")
+    job, _ = run_embedded_job(settings, job_id, "evaluation")
+    return job
 
 
 # --------------------------------------------------------------------------------------------------

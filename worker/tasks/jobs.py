@@ -19,13 +19,18 @@ from worker.runtime import WorkerContext, load_job, mark_failed
 from worker.tasks import exports, generation, ssl, training, webhooks
 
 # The job kinds that run as one task, and the function that runs each (generation is sharded: start_job
-# fans it out). Every JobKind must be here or be generation; an unknown kind fails the job loudly.
+# fans it out). The registry of job kinds is app.db.orm.JobKind: every kind must be here or be generation
+# (checked at import), and a job of an unknown kind fails loudly.
 SINGLE_TASK_RUNNERS: dict[str, Callable[[WorkerContext, str], None]] = {
     JobKind.generator_training.value: training.train_generator_job,
     JobKind.pretraining.value: ssl.pretrain_job,
     JobKind.evaluation.value: ssl.evaluate_job,
 }
 SINGLE_TASK_KINDS = tuple(SINGLE_TASK_RUNNERS)
+_unrouted = {k.value for k in JobKind} ^ {*SINGLE_TASK_KINDS, JobKind.generation.value}
+if _unrouted:
+    raise RuntimeError(f"worker/tasks/jobs.py: job kinds without a runner, or runners of no JobKind: "
+                       f"{sorted(_unrouted)}")
 
 log = logging.getLogger(__name__)
 
