@@ -113,15 +113,16 @@ def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
 
 
 def recover_unfinished_jobs(settings: Settings) -> int:
-    """Re-send every queued or running job (embedded mode, before its only worker starts).
+    """Re-send every queued or running job, and the export build of every pending upload or registration
+    (embedded mode, before its only worker starts).
 
     The filesystem broker drops a message once read, so a job whose worker died with the process
     would be stranded; tasks are idempotent, so sending them again is safe.
     """
     from sqlalchemy import select
 
-    from app.core.queue import TASK_START_JOB, send_task
-    from app.db.orm import ACTIVE_STATUSES, Job
+    from app.core.queue import TASK_BUILD_DATASET, TASK_START_JOB, send_task
+    from app.db.orm import ACTIVE_STATUSES, Dataset, Job
     from app.db.session import session_scope
 
     queue_dir = settings.broker_dir / "queue"
@@ -130,9 +131,14 @@ def recover_unfinished_jobs(settings: Settings) -> int:
             f.unlink(missing_ok=True)
     with session_scope(settings.database_url) as s:
         ids = list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at)))
+        builds = list(s.scalars(select(Dataset.id).where(Dataset.status == "pending", Dataset.origin == "real",
+                                                         Dataset.source_job_id.is_(None))
+                                .order_by(Dataset.created_at)))
     for job_id in ids:
         send_task(settings, TASK_START_JOB, job_id)
-    return len(ids)
+    for dataset_id in builds:
+        send_task(settings, TASK_BUILD_DATASET, dataset_id)
+    return len(ids) + len(builds)
 
 
 @app.command()

@@ -1,8 +1,8 @@
 """``cxrsynth datasets export ID --format zip|webdataset|dicom --out PATH`` (registered in ``app.cli``).
 
 * **embedded** (default): reads the local database and object store directly, like the other embedded
-  commands, builds the export with the service's own code (``app.services.releases.build_export_now``,
-  cached in the store like a worker would) and copies it to ``--out``. The privacy gate holds here too:
+  commands, builds the export with the worker's own code (``app.embedded.build_export_inline``, cached
+  in the store like a worker would) and copies it to ``--out``. The privacy gate holds here too:
   a synthetic dataset whose gate did not pass is refused unless ``--override-reason`` is given, which
   records an override exactly as the admin endpoint does (by ``cli:<user>`` unless ``--actor``).
 * **remote**: with ``--api URL --key KEY`` (or ``CXRSYNTH_API_URL`` / ``CXRSYNTH_API_KEY``) it asks the
@@ -67,6 +67,7 @@ def _export_embedded(dataset_id: str, fmt: str, out: Path, override_reason: str 
     from app.core.config import get_settings
     from app.core.problems import ProblemError
     from app.db.session import get_sessionmaker, migrate
+    from app.embedded import build_export_inline
     from app.services import releases
     from app.services.exports import export_filename
     from app.storage.base import build_store
@@ -95,7 +96,7 @@ def _export_embedded(dataset_id: str, fmt: str, out: Path, override_reason: str 
                 def on_step(step: int, total: int, message: str) -> None:
                     bar.update(task, completed=step, total=total or None, description=message[:60])
 
-                key = releases.build_export_now(s, store, ds, fmt, on_step=on_step)
+                key = build_export_inline(s, store, ds, fmt, on_step=on_step)
             target = _target(out, export_filename(ds, fmt))
         except ProblemError as exc:
             fail(exc.detail)

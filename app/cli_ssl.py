@@ -60,8 +60,10 @@ class Mode(StrEnum):
 # --------------------------------------------------------------------------------------------------
 def pretrain_cmd(
     out: Annotated[Path, typer.Option(help="Encoder folder to write (model.safetensors, config.json, README.md).")],
-    data: Annotated[Path | None, typer.Option(help="Image folder (ImageFolder or loose images) to pretrain on, "
-                                                   "here; labels are never used.")] = None,
+    data: Annotated[str | None, typer.Option(help="What to pretrain on, here: an image folder (ImageFolder or "
+                                                  "loose images), a folder of WebDataset shards (an extracted "
+                                                  "`datasets export --format webdataset`) or s3://bucket/prefix "
+                                                  "(AWS_* environment variables); labels are never used.")] = None,
     dataset_id: Annotated[list[str] | None, typer.Option(
         "--dataset-id", help="Dataset id(s) of a pretraining job (repeatable): remote with --api/--key, "
                              "else on the embedded service.")] = None,
@@ -116,19 +118,30 @@ def pretrain_cmd(
                     seed, resume, checkpoint_dir or out.with_name(out.name + ".ckpt"), fp16, device)
 
 
+def _count_images(data: str) -> int:
+    """Images in an image folder, or samples in WebDataset shards (streamed later, never copied here)."""
+    from models.data.folders import list_image_folder
+    from models.ssl.data import shard_source
+    from models.ssl.shards import index_shards
+
+    source = shard_source(data)
+    if source is not None:
+        return index_shards(source).num_samples
+    return len(list_image_folder(data))
+
+
 def _pretrain_local(
-    data: Path, out: Path, method: str, backbone: str, resolution: int, epochs: int | None, steps: int | None,
+    data: str, out: Path, method: str, backbone: str, resolution: int, epochs: int | None, steps: int | None,
     batch_size: int, learning_rate: float | None, seed: int, resume: bool, ckpt: Path, fp16: bool, device: str,
 ) -> None:
     from app.services.ssl_jobs import DEFAULT_EPOCHS, steps_for_epochs
     from models.callbacks import Canceled
     from models.checkpoints import CHECKPOINT_NAME
-    from models.data.folders import list_image_folder
     from models.ssl import PretrainConfig, pretrain
 
     try:
-        n_images = len(list_image_folder(data))
-    except (ValueError, FileNotFoundError) as exc:
+        n_images = _count_images(data)
+    except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     max_steps = steps if steps is not None else steps_for_epochs(epochs or DEFAULT_EPOCHS, n_images, batch_size)
     has_checkpoint = (ckpt / CHECKPOINT_NAME).is_file()

@@ -148,13 +148,22 @@ class CxrsynthClient:
     def get_dataset(self, dataset_id: str) -> DatasetOut:
         return DatasetOut.model_validate(self._request("GET", f"/v1/datasets/{dataset_id}"))
 
-    def upload_dataset(self, zip_path: str | Path, name: str) -> DatasetOut:
-        """Upload a zip of an ImageFolder (``LABEL/*.png``)."""
+    def upload_dataset(self, zip_path: str | Path, name: str, wait: bool = True, poll_s: float = 1.0,
+                       timeout_s: float = 3600.0) -> DatasetOut:
+        """Upload a zip of an ImageFolder (``LABEL/*.png``). The API answers with the dataset ``pending``
+        while a worker builds its export; with ``wait`` this polls until it is no longer pending."""
         path = Path(zip_path)
         with path.open("rb") as f:
             data = self._request("POST", "/v1/datasets", data={"name": name},
                                  files={"file": (path.name, f, "application/zip")})
-        return DatasetOut.model_validate(data)
+        ds = DatasetOut.model_validate(data)
+        deadline = time.monotonic() + timeout_s
+        while wait and ds.status == "pending":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dataset {ds.id} was still pending after {timeout_s} s")
+            time.sleep(poll_s)
+            ds = self.get_dataset(ds.id)
+        return ds
 
     def dataset_download_link(self, dataset_id: str, format: str = "zip", timeout_s: float = 3600.0) -> DownloadLink:
         """The signed link of an export (``zip`` | ``webdataset`` | ``dicom``); while a worker builds it the

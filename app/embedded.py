@@ -1,5 +1,6 @@
 """The embedded runner: a recorded job run by the worker's own task code in this process (CLI jobs with no
-server), and what ``cxrsynth serve`` hands the worker process it starts.
+server), the worker's export build for the embedded ``cxrsynth datasets export``, and what
+``cxrsynth serve`` hands the worker process it starts.
 
 This is the one module of ``app/`` that imports ``worker`` (the API enqueues through ``app.core.queue``;
 ``serve`` starts its worker by command line). It composes ``WorkerContext`` + ``InlineDispatcher`` + the
@@ -14,8 +15,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from models.callbacks import OnStep, no_progress
+
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from app.core.config import Settings
+    from app.db.orm import Dataset
     from app.storage.base import ObjectStore
 
 
@@ -45,6 +51,15 @@ def run_job_inline(settings: Settings, job_id: str, poll: Callable[[], None], ev
         done.set()
         t.join()
     return ctx.store
+
+
+def build_export_inline(session: Session, store: ObjectStore, ds: Dataset, fmt: str,
+                        on_step: OnStep = no_progress) -> str:
+    """Build (or find) the ``fmt`` export of ``ds`` in this process with the worker's own code, cached in the
+    store as a worker would; returns its key (``cxrsynth datasets export`` in embedded mode)."""
+    from worker.exports import build_export_now
+
+    return build_export_now(session, store, ds, fmt, on_step=on_step)
 
 
 def lifeline_env() -> dict[str, str]:

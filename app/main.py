@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.openapi_extras import install_openapi_extras
 from app.api.routes import admin as admin_routes
 from app.api.routes import datasets, encoders, evaluations, files, generations, generators, health, jobs, pretrainings
 from app.console.routes import install_console
@@ -79,4 +80,5 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.include_router(module.router)
     app.include_router(admin_routes.router)  # /v1/admin (app/api/routes/admin.py)
     install_console(app)  # web console under /console (and / redirects there)
+    install_openapi_extras(app)  # OpenAPI links between operations, 400 of bodies (app/api/openapi_extras.py)
     return app

@@ -251,7 +251,9 @@ PROFILES: dict[str, Profile] = {
     "cpu-12": Profile(
         name="cpu-12", backbones=("resnet18",), resolution=64, seg_resolution=128,
         ssl_steps=4700, ssl_batch=32,  # 150,400 image-views per pretrained arm
-        ssl_overrides={"warmup_steps": 470, "checkpoint_every": 100},  # DINO defaults: 6 local crops, 32 px
+        # the recipe benchmarks/ssl_recipe.py measures (4 local crops of 32 px, the cpu-small DINO head)
+        ssl_overrides={"n_local_crops": 4, "dino_hidden_dim": 1024, "dino_bottleneck_dim": 128,
+                       "dino_output_dim": 2048, "warmup_steps": 470, "checkpoint_every": 100},
         cls_config={"epochs": 6, "batch_size": 32},
         seg_config={"epochs": 8, "batch_size": 16, "decoder_channels": (128, 64, 32, 16, 8)},
         # Assumed, never measured as a whole (run --probe): SSL = docs/results/ssl_throughput.md (this
@@ -1561,6 +1563,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and ETA, run nothing")
     ap.add_argument("--probe", action="store_true", help="time each component, write the probe JSON, stop")
+    ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
+                    help="results JSON of an earlier run of the same profile (e.g. a committed docs/results/"
+                         "paper_table-cpu-12.json): its cells and pretraining records join this run's, so a "
+                         "table too long for one sitting is built arm by arm across machines; repeatable")
     return ap.parse_args(argv)
 
 
@@ -1715,6 +1721,37 @@ def write_outputs(s: Setup, args: argparse.Namespace, doc: dict[str, Any],
     return doc
 
 
+def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Cells of earlier results documents of this profile, added to the cell store where missing (never over a
+    cell of this run folder); returns their pretraining records and where each came from.
+
+    Why: ``cpu-12`` needs more CPU hours than one sitting, and run folders are not kept between machines;
+    the results JSON (committed under docs/results) is what survives, so the table grows arm by arm.
+    A document of another profile or fingerprint is refused: its cells were computed under other settings.
+    """
+    pre: dict[str, Any] = {}
+    sources: list[dict[str, Any]] = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        fp = doc.get("profile", {}).get("fingerprint")
+        if fp != s.profile.fingerprint():
+            raise SystemExit(f"--merge {path}: profile fingerprint {fp!r} is not this run's "
+                             f"{s.profile.fingerprint()!r} ({s.profile.name}); its cells would mix settings")
+        added = [k for k in doc.get("cells", {}) if k not in s.cells]
+        for key in added:
+            s.cells.put(key, doc["cells"][key])
+        for key, record in doc.get("pretraining", {}).items():
+            pre.setdefault(key, record)
+        sources.append({"file": str(path), "commit": doc.get("commit"), "date": doc.get("date"),
+                        "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
+                        "cells_added": len(added)})
+    return pre, sources
+
+
+def _union(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:
+    return list(first) + [x for x in second if x not in first]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Plan, probe, or run the table (resumable); returns the results document (the plan with --plan-only)."""
     args = parse_args(argv)
@@ -1725,6 +1762,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = setup(args, argv)
     if args.probe:
         return probe(s.profile, s.data_dir, None if s.synthetic else s.generator, args.device, s.run_dir)
+    merged_pre, merged = merge_results(s, args.merge)
     plan = show_plan(s, _log)
     if args.plan_only:
         return plan
@@ -1738,13 +1776,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timings["evaluation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     selected = {c.key: s.cells.cells[c.key] for c in plan["plan"]}
+    arms, tasks, modes, fractions = s.arms, s.tasks, s.modes, s.fractions
+    for m in merged:  # the merged documents' cells join the table, and their arms its rows
+        doc_cells = json.loads(Path(m["file"]).read_text())["cells"]
+        selected.update({k: s.cells.cells[k] for k in doc_cells if k not in selected})
+        arms = _union(arms, m["arms"] or [])
+    for cell in selected.values():
+        tasks, modes = _union(tasks, [cell["task"]]), _union(modes, [cell["mode"]])
+        fractions = sorted(set(fractions) | {cell["label_fraction"]})
+    pre = {**merged_pre, **pre}
     doc: dict[str, Any] = {
         "benchmark": "", "command": s.command, "commit": commit(), "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "profile": {**json.loads(json.dumps(dataclasses.asdict(s.profile), default=list)),
                     "fingerprint": s.profile.fingerprint()},
-        "selection": {"arms": s.arms, "tasks": s.tasks, "modes": s.modes, "fractions": s.fractions},
+        "selection": {"arms": arms, "tasks": tasks, "modes": modes, "fractions": fractions},
         "run_dir": str(s.run_dir), "data": data, "synthetic": syn_info, "pretraining": pre, "cells": selected,
+        "merged_from": merged,
         "aggregated": aggregate_cells(selected), "seed_aggregation": SEED_CI_WORDS,
         "cells_computed_this_run": computed, "timings": {k: round(v, 1) for k, v in timings.items()},
         "compute_seconds": {"cells": round(sum(c["wall_seconds"] for c in selected.values()), 1),

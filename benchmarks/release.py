@@ -9,7 +9,7 @@ Two sources of images:
   (a ``manifest.csv`` of N rows streamed from a temp file, one record per row), with image bytes taken
   from a pool of 16 real synthetic 64 px PNGs (the tiles of the shipped generator's ``samples.png``,
   i.e. its own output) instead of an object store, so 100k images need no 100k-object setup;
-* ``store``: the service path, ``app.services.exports.build_dataset_export`` on a local-folder store
+* ``store``: the service path, ``worker.exports.build_dataset_export`` on a local-folder store
   holding N PNG objects (written before the timer starts; N capped by ``--store-max``).
 
 Throughput is images/s and MB/s (archive bytes written per second, and image bytes read per second).
@@ -129,8 +129,8 @@ def child(fmt: str, n: int, source: str, workdir: Path) -> dict[str, Any]:
         archive, image_bytes = result.archive_bytes, result.image_bytes
     else:
         from app.db.orm import Dataset
-        from app.services.exports import build_dataset_export
         from app.storage.local import LocalStore
+        from worker.exports import build_dataset_export
 
         store = LocalStore(workdir / "objects", secret="bench", base_url="http://x")
         prefix = "tenants/t/datasets/d/images"

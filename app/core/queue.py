@@ -23,12 +23,14 @@ TASK_FINALIZE_JOB = "cxrsynth.finalize_job"
 TASK_RUN_JOB = "cxrsynth.run_job"  # single-task kinds (generator_training, pretraining, evaluation)
 TASK_DELIVER_WEBHOOK = "cxrsynth.deliver_webhook"
 TASK_BUILD_EXPORT = "cxrsynth.build_export"  # (dataset id, format): a dataset export asked for before it existed
+TASK_BUILD_DATASET = "cxrsynth.build_dataset"  # (dataset id): the zip of a pending upload / registration, then ready
 
 TASK_QUEUES = {
     TASK_START_JOB: CPU_QUEUE,
     TASK_FINALIZE_JOB: CPU_QUEUE,
     TASK_DELIVER_WEBHOOK: CPU_QUEUE,
     TASK_BUILD_EXPORT: CPU_QUEUE,
+    TASK_BUILD_DATASET: CPU_QUEUE,
     TASK_GENERATION_SHARD: GPU_QUEUE,
     TASK_RUN_JOB: GPU_QUEUE,
 }

@@ -13,7 +13,7 @@ works) and never sees the raw request. After the commit the API sends ``TASK_STA
     ``unlabelled``), and is sampled from seed ``(seed, i)``. The worker creates the synthetic ``Dataset``
     (status ``pending`` -> ``ready``; ``canceled`` when the job is), its images under
     ``{dataset.prefix}/{label}/{i:07d}.png``, ``manifest.csv`` (``file,label,sha256,...`` with ``file``
-    relative to ``dataset.prefix``) and the zip export via ``app.services.exports.build_zip_export``,
+    relative to ``dataset.prefix``) and the zip export via ``worker.exports.build_zip_export``,
     and writes :class:`GenerationResult` into ``Job.result``.
 
 ``generator_training`` -> :class:`GeneratorTrainingParams`

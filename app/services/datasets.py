@@ -1,18 +1,15 @@
-"""Datasets: store validated uploads, register an existing prefix, list, page images, download, delete.
+"""Datasets: record validated uploads, register an existing prefix, list, page images, download, delete.
 
-Key layout of a dataset ``id`` of tenant ``t`` (built with ``tenant_key``)::
+Key layout: ``app.storage.layout`` (images, ``manifest.csv``, ``exports/``).
 
-    tenants/t/datasets/id/images/LABEL/NAME.png   8-bit grey PNGs (uploads; registered prefixes stay put)
-    tenants/t/datasets/id/manifest.csv            file,label,sha256 (file relative to Dataset.prefix)
-    tenants/t/datasets/id/exports/id.zip          zip export (images, manifest.csv, card.json, README.md)
-    tenants/t/datasets/id/exports/id-webdataset.tar   WebDataset export (built on request by a worker)
-    tenants/t/datasets/id/exports/id-dicom.zip    DICOM export of synthetic datasets (on request)
-
-Uploads and registrations build the zip export when they are stored (a registered prefix is captured as
-it was registered); the other formats are built by a worker on request (see ``app.services.releases``).
+An upload or a registration answers at once: the images (uploads) and the manifest are stored, the row
+is committed ``pending`` and the ``cxrsynth.build_dataset`` task is enqueued; the worker builds the zip
+export (``worker/exports.py``) and marks the dataset ``ready`` (``failed`` when the build fails). Clients
+poll ``GET /v1/datasets/ID``. The other formats are built by a worker on request (``app.services.releases``).
 
 Objects are written only after the whole upload validated; if storing fails part-way, everything under
-the dataset's key space is deleted before the error propagates and no row is committed.
+the dataset's key space is deleted before the error propagates and no row is committed. If the queue is
+unreachable, the recorded dataset is removed again and the request answers 503.
 """
 
 from __future__ import annotations
@@ -33,7 +30,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.problems import Conflict, InvalidInput, NotFound
+from app.core.problems import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.core.queue import TASK_BUILD_DATASET, send_task
 from app.db.orm import ACTIVE_STATUSES, Dataset, Job, new_id
 from app.schemas.common import DownloadLink
 from app.schemas.datasets import DatasetImage, DatasetOut, DownloadFormat
@@ -41,7 +39,6 @@ from app.schemas.releases import ExportPending
 from app.services import releases
 from app.services.exports import (
     ManifestRow,
-    build_zip_export,
     dataset_image_key,
     dataset_root,
     manifest_csv,
@@ -115,14 +112,15 @@ def create_uploaded_dataset(
     session: Session, store: ObjectStore, tenant_id: str, name: str, images: Sequence[PreparedImage]
 ) -> Dataset:
     """Store validated images (see :func:`app.services.uploads.prepare_images`) as a new real dataset:
-    PNGs, ``manifest.csv``, the zip export, then the row. All or nothing."""
+    PNGs, ``manifest.csv``, then the row, ``pending`` until a worker built its zip export (the caller
+    enqueues that: :func:`enqueue_dataset_build`). All or nothing."""
     name = name.strip()[:200] or "upload"
     ds_id = new_id()
     root = tenant_key(tenant_id, "datasets", ds_id)
     prefix = tenant_key(tenant_id, "datasets", ds_id, "images")
     rows = sorted((ManifestRow(f"{img.label}/{img.name}", img.label, img.sha256) for img in images),
                   key=lambda r: r.file)
-    ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name, origin="real", status="ready", prefix=prefix,
+    ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name, origin="real", status="pending", prefix=prefix,
                  num_images=len(rows), label_counts=dict(sorted(Counter(r.label for r in rows).items())),
                  manifest_key=tenant_key(tenant_id, "datasets", ds_id, "manifest.csv"),
                  card=_card("upload", rows, {"image_sizes": image_sizes(images)}),
@@ -135,7 +133,6 @@ def create_uploaded_dataset(
             list(pool.map(put, images))
         assert ds.manifest_key is not None
         store.put_bytes(ds.manifest_key, manifest_csv(rows), "text/csv")
-        build_zip_export(store, ds)
         session.add(ds)
         session.commit()
     except BaseException:
@@ -145,15 +142,33 @@ def create_uploaded_dataset(
     return ds
 
 
+def enqueue_dataset_build(session: Session, store: ObjectStore, settings: Settings, ds: Dataset) -> None:
+    """Ask a worker to build the zip export of the pending ``ds`` (``cxrsynth.build_dataset``), which then
+    marks it ready. When the queue is unreachable the dataset is removed again (row and the objects the
+    service wrote) and :class:`ServiceUnavailable` (503, ``Retry-After``) is raised: no trace."""
+    try:
+        send_task(settings, TASK_BUILD_DATASET, ds.id)
+    except Exception as exc:
+        log.exception("could not enqueue the build of dataset %s", ds.id)
+        root = dataset_root(ds) + "/"
+        session.rollback()
+        session.delete(ds)
+        session.commit()
+        _delete_quietly(store, root)
+        raise ServiceUnavailable("the job queue is unreachable; retry later", slug="queue-unavailable",
+                                 headers={"Retry-After": str(releases.RETRY_AFTER_S)}) from exc
+
+
 async def ingest_upload(
     session: Session, store: ObjectStore, settings: Settings, tenant_id: str, chunks: AsyncIterator[bytes],
     content_type: str | None,
 ) -> Dataset:
-    """A multipart upload (body ``chunks``) -> a new real dataset, or a problem and no trace.
+    """A multipart upload (body ``chunks``) -> a new real dataset, ``pending``, or a problem and no trace.
 
     The body is spooled to a temp folder (413 past ``max_upload_bytes``), validated and converted in a
-    worker thread (:func:`app.services.uploads.prepare_images`), then stored by
-    :func:`create_uploaded_dataset`. Form fields: ``name`` (default: the first file's name), ``label``.
+    worker thread (:func:`app.services.uploads.prepare_images`), stored by :func:`create_uploaded_dataset`,
+    and its export build enqueued (:func:`enqueue_dataset_build`; 503 when the queue is unreachable).
+    Form fields: ``name`` (default: the first file's name), ``label``.
     """
     workdir = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="cxr-upload-")))
     try:
@@ -161,7 +176,9 @@ async def ingest_upload(
         form = await spool_multipart(chunks, content_type, workdir / "parts", settings.max_upload_bytes)
         images = await anyio.to_thread.run_sync(prepare_images, form, settings, workdir / "images")
         name = form.fields.get("name") or PurePosixPath(form.files[0].filename or "upload").stem or "upload"
-        return await anyio.to_thread.run_sync(create_uploaded_dataset, session, store, tenant_id, name, images)
+        ds = await anyio.to_thread.run_sync(create_uploaded_dataset, session, store, tenant_id, name, images)
+        await anyio.to_thread.run_sync(enqueue_dataset_build, session, store, settings, ds)
+        return ds
     finally:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(workdir, ignore_errors=True))
 
@@ -188,7 +205,8 @@ def register_dataset(
 ) -> Dataset:
     """Register images already stored under ``prefix`` (``LABEL/NAME.png|jpg``, within the tenant's own
     key space) as a real dataset: each object is read, sniffed and hashed into a manifest; nothing is
-    copied. Top-level notes (csv, txt, md, json) and hidden files are skipped."""
+    copied. Top-level notes (csv, txt, md, json) and hidden files are skipped. The dataset is recorded
+    ``pending``; a worker builds its zip export (capturing the objects) and marks it ready."""
     prefix = normalise_registered_prefix(tenant_id, prefix)
     base = prefix + "/"
     rows: list[ManifestRow] = []
@@ -213,21 +231,21 @@ def register_dataset(
         raise InvalidInput(f"no PNG or JPEG images under {prefix}/LABEL/", slug="no-files")
     ds_id = new_id()
     ds = Dataset(id=ds_id, tenant_id=tenant_id, name=name.strip()[:200] or prefix.rsplit("/", 1)[-1], origin="real",
-                 status="ready", prefix=prefix, num_images=len(rows),
+                 status="pending", prefix=prefix, num_images=len(rows),
                  label_counts=dict(sorted(Counter(r.label for r in rows).items())),
                  manifest_key=tenant_key(tenant_id, "datasets", ds_id, "manifest.csv"),
                  card=_card("registered", rows, {"registered_prefix": prefix}), total_bytes=total)
     try:
         assert ds.manifest_key is not None
         store.put_bytes(ds.manifest_key, manifest_csv(rows), "text/csv")
-        # The zip captures the objects as registered (they are the tenant's and may change later).
-        build_zip_export(store, ds)
         session.add(ds)
         session.commit()
     except BaseException:
         session.rollback()
         _delete_quietly(store, dataset_root(ds) + "/")
         raise
+    # The worker's zip captures the objects (they are the tenant's and may change later).
+    enqueue_dataset_build(session, store, settings, ds)
     return ds
 
 

@@ -7,8 +7,9 @@ Rules:
   tenant's own images: the gate does not apply to them.
 * An override names who and why; it is stored on the dataset, appended to the source job's events
   (level ``warning``) and written to the ``cxrsynth.audit`` log. Revoking it is recorded the same way.
-* Exports are immutable and built once per format. A generation builds the zip when it finishes, an
-  upload or registration builds the zip when it is stored; any other export (WebDataset, DICOM, or a
+* Exports are immutable and built once per format, by the worker (``worker/exports.py``). A generation
+  builds the zip when it finishes; an upload or registration is recorded ``pending`` and its zip built by
+  the ``cxrsynth.build_dataset`` task, which then marks it ``ready``; any other export (WebDataset, DICOM, or a
   dataset made before an export existed) is built by a worker on the first request: the request
   answers ``202`` with ``Retry-After`` and the client asks again. A small status object per format
   (``exports/FORMAT.status.json``) remembers the build in flight, so repeated requests enqueue once; the
@@ -19,13 +20,11 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.problems import Conflict, NotFound, ProblemError, ServiceUnavailable
@@ -33,17 +32,9 @@ from app.core.queue import TASK_BUILD_EXPORT, send_task
 from app.db.orm import Dataset, JobEvent
 from app.schemas.common import DownloadLink
 from app.schemas.releases import ExportPending
-from app.services.exports import (
-    build_dataset_export,
-    dataset_export_key,
-    dataset_generator,
-    export_content_type,
-    export_filename,
-    formats_for,
-    signed_download,
-)
-from app.storage.base import ObjectNotFound, ObjectStore, tenant_key
-from models.callbacks import OnStep, no_progress
+from app.services.exports import export_content_type, export_filename, formats_for, signed_download
+from app.storage.base import ObjectStore
+from app.storage.layout import dataset_export_key, export_status_key, read_export_status, write_export_status
 from models.release.writers import EXPORT_FORMATS
 
 log = logging.getLogger("cxrsynth.releases")
@@ -51,7 +42,6 @@ audit = logging.getLogger("cxrsynth.audit")
 
 RETRY_AFTER_S = 5
 STALE_AFTER_S = 600  # a build whose status was not refreshed for this long is sent to the queue again
-HEARTBEAT_S = 15.0  # how often a running build refreshes its status
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,23 +116,6 @@ def revoke_gate_override(session: Session, dataset_id: str, actor: str, reason: 
 # --------------------------------------------------------------------------------------------------
 # Exports on request
 # --------------------------------------------------------------------------------------------------
-def export_status_key(ds: Dataset, fmt: str) -> str:
-    """Key of the small JSON that tracks a build of ``fmt`` in flight (or failed)."""
-    return tenant_key(ds.tenant_id, "datasets", ds.id, "exports", f"{fmt}.status.json")
-
-
-def _read_status(store: ObjectStore, key: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(store.get_bytes(key))
-    except (ObjectNotFound, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_status(store: ObjectStore, key: str, **status: Any) -> None:
-    store.put_bytes(key, json.dumps({**status, "updated": time.time()}).encode(), "application/json")
-
-
 def check_format(ds: Dataset, fmt: str) -> None:
     """409 ``format-not-available`` when the dataset has no export in ``fmt`` (DICOM of real images)."""
     available = formats_for(ds)
@@ -162,7 +135,7 @@ def request_export(
     if store.exists(key):
         return signed_download(store, settings, key, export_filename(ds, fmt), export_content_type(fmt))
     status_key = export_status_key(ds, fmt)
-    status = _read_status(store, status_key) or {}
+    status = read_export_status(store, status_key) or {}
     attempts = int(status.get("attempts", 0))
     building = status.get("status") == "building"
     if building and time.time() - float(status.get("updated", 0)) < STALE_AFTER_S:
@@ -171,7 +144,7 @@ def request_export(
         raise ProblemError(f"building the {fmt} export failed {attempts} times: {status.get('error')}",
                            status=500, slug="export-failed", title="Export failed")
     attempt = attempts if building else attempts + 1  # a lost message is sent again, not counted as a failure
-    _write_status(store, status_key, status="building", attempts=attempt)
+    write_export_status(store, status_key, status="building", attempts=attempt)
     try:
         send_task(settings, TASK_BUILD_EXPORT, ds.id, fmt)
     except Exception as exc:
@@ -187,45 +160,3 @@ def _pending(ds: Dataset, fmt: str, attempt: int, done: int | None) -> ExportPen
     return ExportPending(dataset_id=ds.id, format=fmt, attempt=attempt, retry_after_s=RETRY_AFTER_S,
                          images_done=done, detail=f"the {fmt} export ({progress} images) is being built; "
                                                   f"ask again in {RETRY_AFTER_S} s")
-
-
-def build_export_now(
-    session: Session, store: ObjectStore, ds: Dataset, fmt: str, on_step: OnStep = no_progress,
-) -> str:
-    """Build (or find) the export of ``ds`` in ``fmt`` in this process; returns its key."""
-    check_format(ds, fmt)
-    key = dataset_export_key(ds, fmt)
-    if not store.exists(key):
-        build_dataset_export(store, ds, fmt, generator=dataset_generator(session, ds), key=key, on_step=on_step)
-    return key
-
-
-def run_export_task(sessions: sessionmaker[Session], store: ObjectStore, dataset_id: str, fmt: str) -> None:
-    """The worker's ``cxrsynth.build_export``: build, then clear the status (or record the failure).
-    Idempotent: a redelivered task finds the export and only clears the status."""
-    with sessions() as s:
-        ds = s.get(Dataset, dataset_id)
-        if ds is None or ds.status != "ready":
-            log.warning("export %s of dataset %s skipped: %s", fmt, dataset_id,
-                        "no such dataset" if ds is None else f"dataset is {ds.status}")
-            return
-        status_key = export_status_key(ds, fmt)
-        attempts = int((_read_status(store, status_key) or {}).get("attempts", 1))
-        last = [time.monotonic()]
-
-        def heartbeat(step: int, total: int, message: str) -> None:
-            if time.monotonic() - last[0] >= HEARTBEAT_S:
-                last[0] = time.monotonic()
-                _write_status(store, status_key, status="building", attempts=attempts, done=step, total=total)
-
-        try:
-            build_export_now(s, store, ds, fmt, on_step=heartbeat)
-        except Exception as exc:
-            log.exception("building the %s export of dataset %s failed", fmt, dataset_id)
-            # What the tenant will read: a missing image by its key (their own data), else only the kind
-            # of error (connection errors can name internal hosts); the worker log has the traceback.
-            error = (f"an image is missing from storage: {exc}" if isinstance(exc, ObjectNotFound)
-                     else f"{type(exc).__name__} (see the worker log)")
-            _write_status(store, status_key, status="failed", attempts=attempts, error=error[:500])
-            return
-    store.delete(status_key)  # both stores ignore a missing key

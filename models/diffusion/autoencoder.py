@@ -376,6 +376,76 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     gen.set_state(state["noise"])
 
 
+def _check_images(images: np.ndarray, config: AutoencoderConfig) -> np.ndarray:
+    """``images`` as an array, refused unless square (N, H, W) uint8 at ``config.resolution``."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be square (N, H, W) uint8, got {images.shape} {images.dtype}")
+    if images.shape[1] != config.resolution:
+        raise ValueError(f"images are {images.shape[1]} px; the autoencoder config says {config.resolution}")
+    return images
+
+
+@dataclass
+class _AutoencoderRun:
+    """What an autoencoder run trains and checkpoints."""
+
+    config: AutoencoderConfig
+    dev: torch.device
+    vae: AutoencoderKL
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: _CropSampler
+    noise_gen: torch.Generator
+
+
+def _set_up_autoencoder(config: AutoencoderConfig, n_train: int, device: str) -> _AutoencoderRun:
+    """Device, seeded VAE, AdamW, warm-up/cosine schedule, crop sampler and noise generator (in this order)."""
+    dev = pick_device(device)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    vae: AutoencoderKL = cast(Any, build_vae(config)).to(dev)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+                                  weight_decay=config.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    sampler = _CropSampler(n_train, config.resolution, config.crop_size, config.seed)
+    noise_gen = torch.Generator(dev).manual_seed(config.seed + 1)
+    return _AutoencoderRun(config, dev, vae, optimizer, lr_scheduler, sampler, noise_gen)
+
+
+def _resume_autoencoder(run: _AutoencoderRun, ckpt_dir: Path | None) -> tuple[int, float, list[float]]:
+    """Restore ``run`` from ``ckpt_dir``; (steps done, wall seconds so far, losses so far)."""
+    if ckpt_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    state = read_checkpoint(ckpt_dir)
+    if state.get("format") != "cxrsynth-autoencoder-checkpoint/1":
+        raise ValueError(f"{ckpt_dir} does not hold an autoencoder checkpoint")
+    if AutoencoderConfig.from_dict(state["config"]).replace(max_steps=run.config.max_steps) != run.config:
+        raise ValueError("the checkpoint was written with a different AutoencoderConfig")
+    run.vae.load_state_dict(state["vae"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    _set_rng_state(state["rng"], run.noise_gen)
+    return int(state["step"]), float(state["wall_seconds"]), list(state["losses"])
+
+
+def _save_autoencoder_checkpoint(
+    ckpt_dir: Path | None, run: _AutoencoderRun, step: int, losses: list[float], wall_seconds: float
+) -> None:
+    """Write the full state of ``run`` atomically to ``ckpt_dir`` (nothing if ``None``)."""
+    if ckpt_dir is not None:
+        save_checkpoint_atomic({
+            "format": "cxrsynth-autoencoder-checkpoint/1", "config": run.config.to_dict(),
+            "vae": run.vae.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(), "sampler": run.sampler.state_dict(),
+            "rng": _rng_state(run.noise_gen), "step": step, "losses": losses,
+            "wall_seconds": wall_seconds,
+        }, ckpt_dir)
+
+
 def train_autoencoder(
     images: np.ndarray,
     config: AutoencoderConfig,
@@ -394,58 +464,21 @@ def train_autoencoder(
     ``shift_factor`` set from the training images' latents. ``on_step`` may raise :class:`Canceled`:
     the state is checkpointed, then it propagates.
     """
-    images = np.asarray(images)
-    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be square (N, H, W) uint8, got {images.shape} {images.dtype}")
-    if images.shape[1] != config.resolution:
-        raise ValueError(f"images are {images.shape[1]} px; the autoencoder config says {config.resolution}")
+    images = _check_images(images, config)
     train_idx, held_idx = holdout_split(len(images), patient_ids, config.holdout_fraction, config.seed)
-    dev = pick_device(device)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    vae: AutoencoderKL = cast(Any, build_vae(config)).to(dev)
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=config.adam_betas,
-                                  weight_decay=config.weight_decay)
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    sampler = _CropSampler(len(train_idx), config.resolution, config.crop_size, config.seed)
-    noise_gen = torch.Generator(dev).manual_seed(config.seed + 1)
-    step, wall_before, losses = 0, 0.0, []
+    run = _set_up_autoencoder(config, len(train_idx), device)
+    vae, optimizer, lr_scheduler, dev = run.vae, run.optimizer, run.lr_scheduler, run.dev
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume:
-        if ckpt_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        state = read_checkpoint(ckpt_dir)
-        if state.get("format") != "cxrsynth-autoencoder-checkpoint/1":
-            raise ValueError(f"{ckpt_dir} does not hold an autoencoder checkpoint")
-        if AutoencoderConfig.from_dict(state["config"]).replace(max_steps=config.max_steps) != config:
-            raise ValueError("the checkpoint was written with a different AutoencoderConfig")
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"], noise_gen)
-        step, wall_before, losses = int(state["step"]), float(state["wall_seconds"]), list(state["losses"])
-
+    progress: tuple[int, float, list[float]] = _resume_autoencoder(run, ckpt_dir) if resume else (0, 0.0, [])
+    step, wall_before, losses = progress
     train_images = torch.from_numpy(np.ascontiguousarray(images[train_idx]))
-
-    def checkpoint() -> None:
-        if ckpt_dir is not None:
-            save_checkpoint_atomic({
-                "format": "cxrsynth-autoencoder-checkpoint/1", "config": config.to_dict(),
-                "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "sampler": sampler.state_dict(),
-                "rng": _rng_state(noise_gen), "step": step, "losses": losses,
-                "wall_seconds": wall_before + (time.perf_counter() - t_start),
-            }, ckpt_dir)
 
     t_start = time.perf_counter()
     try:
         while step < config.max_steps:
-            idx, corners = sampler.next_batch(config.batch_size)
+            idx, corners = run.sampler.next_batch(config.batch_size)
             x = _crops(train_images, idx, corners, config.crop_size).to(dev)
-            loss, parts = autoencoder_loss(vae, x, config, noise_gen)
+            loss, parts = autoencoder_loss(vae, x, config, run.noise_gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -456,11 +489,12 @@ def train_autoencoder(
             step += 1
             losses.append(float(loss.item()))
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                checkpoint()
+                _save_autoencoder_checkpoint(ckpt_dir, run, step, losses,
+                                             wall_before + (time.perf_counter() - t_start))
             on_step(step, config.max_steps,
                     f"loss {losses[-1]:.4f} l1 {parts['l1']:.4f} ssim {parts['ssim']:.3f} kl {parts['kl']:.1f}")
     except Canceled:
-        checkpoint()
+        _save_autoencoder_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
         raise
     wall = wall_before + (time.perf_counter() - t_start)
     vae.eval()
@@ -479,6 +513,70 @@ def build_discriminator(config: AutoencoderConfig) -> torch.nn.Module:
 
 def _decoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
     return [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]  # type: ignore[union-attr]
+
+
+@dataclass
+class _DecoderRun:
+    """What a decoder phase trains and checkpoints: the VAE (encoder frozen) and a patch discriminator."""
+
+    config: AutoencoderConfig
+    dev: torch.device
+    vae: AutoencoderKL
+    params: list[torch.nn.Parameter]
+    disc: torch.nn.Module
+    adv: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sampler: _CropSampler
+
+
+def _set_up_decoder(vae: AutoencoderKL, config: AutoencoderConfig, n_train: int, device: str) -> _DecoderRun:
+    """Device, seed, decoder-only gradients, discriminator, adversarial loss, both AdamWs and the crop sampler."""
+    from monai.losses import PatchAdversarialLoss
+
+    dev = pick_device(device)
+    torch.manual_seed(config.seed + 2)
+    vae = cast(Any, vae).to(dev)
+    vae.train()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = _decoder_parameters(vae)
+    for p in params:
+        p.requires_grad_(True)
+    disc = build_discriminator(config).to(dev).train()
+    adv = PatchAdversarialLoss(criterion="least_squares")
+    opt_g = torch.optim.AdamW(params, lr=config.decoder_learning_rate, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=config.discriminator_learning_rate, betas=(0.5, 0.9))
+    sampler = _CropSampler(n_train, config.resolution, config.crop_size, config.seed + 2)
+    return _DecoderRun(config, dev, vae, params, disc, adv, opt_g, opt_d, sampler)
+
+
+def _resume_decoder(run: _DecoderRun, ckpt_dir: Path | None) -> tuple[int, float, list[float]]:
+    """Restore ``run`` from ``ckpt_dir``; (steps done, wall seconds so far, losses so far)."""
+    if ckpt_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    state = read_checkpoint(ckpt_dir)
+    if state.get("format") != "cxrsynth-decoder-checkpoint/1":
+        raise ValueError(f"{ckpt_dir} does not hold a decoder checkpoint")
+    run.vae.load_state_dict(state["vae"])
+    run.disc.load_state_dict(state["discriminator"])
+    run.opt_g.load_state_dict(state["opt_g"])
+    run.opt_d.load_state_dict(state["opt_d"])
+    run.sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state["wall_seconds"]), list(state["losses"])
+
+
+def _save_decoder_checkpoint(
+    ckpt_dir: Path | None, run: _DecoderRun, step: int, losses: list[float], wall_seconds: float
+) -> None:
+    """Write the full state of ``run`` atomically to ``ckpt_dir`` (nothing if ``None``)."""
+    if ckpt_dir is not None:
+        save_checkpoint_atomic({
+            "format": "cxrsynth-decoder-checkpoint/1", "config": run.config.to_dict(), "vae": run.vae.state_dict(),
+            "discriminator": run.disc.state_dict(), "opt_g": run.opt_g.state_dict(), "opt_d": run.opt_d.state_dict(),
+            "sampler": run.sampler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+            "losses": losses, "wall_seconds": wall_seconds}, ckpt_dir)
 
 
 def finetune_decoder(
@@ -501,55 +599,21 @@ def finetune_decoder(
     patients, checkpointing and resume contract as :func:`train_autoencoder`; runs
     ``config.decoder_steps`` steps.
     """
-    from monai.losses import PatchAdversarialLoss
-
     if config.decoder_steps <= 0:
         raise ValueError("config.decoder_steps must be positive for a decoder phase")
     images = np.asarray(images)
     train_idx, held_idx = holdout_split(len(images), patient_ids, config.holdout_fraction, config.seed)
-    dev = pick_device(device)
-    torch.manual_seed(config.seed + 2)
-    vae = cast(Any, vae).to(dev)
-    vae.train()
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    params = _decoder_parameters(vae)
-    for p in params:
-        p.requires_grad_(True)
-    disc = build_discriminator(config).to(dev).train()
-    adv = PatchAdversarialLoss(criterion="least_squares")
-    opt_g = torch.optim.AdamW(params, lr=config.decoder_learning_rate, betas=(0.5, 0.9))
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=config.discriminator_learning_rate, betas=(0.5, 0.9))
-    sampler = _CropSampler(len(train_idx), config.resolution, config.crop_size, config.seed + 2)
-    step, wall_before, losses = 0, 0.0, []
+    run = _set_up_decoder(vae, config, len(train_idx), device)
+    vae, disc, adv, opt_g, opt_d, dev = run.vae, run.disc, run.adv, run.opt_g, run.opt_d, run.dev
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume:
-        if ckpt_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        state = read_checkpoint(ckpt_dir)
-        if state.get("format") != "cxrsynth-decoder-checkpoint/1":
-            raise ValueError(f"{ckpt_dir} does not hold a decoder checkpoint")
-        vae.load_state_dict(state["vae"])
-        disc.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, wall_before, losses = int(state["step"]), float(state["wall_seconds"]), list(state["losses"])
+    progress: tuple[int, float, list[float]] = _resume_decoder(run, ckpt_dir) if resume else (0, 0.0, [])
+    step, wall_before, losses = progress
     train_images = torch.from_numpy(np.ascontiguousarray(images[train_idx]))
-
-    def checkpoint() -> None:
-        if ckpt_dir is not None:
-            save_checkpoint_atomic({
-                "format": "cxrsynth-decoder-checkpoint/1", "config": config.to_dict(), "vae": vae.state_dict(),
-                "discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
-                "losses": losses, "wall_seconds": wall_before + (time.perf_counter() - t_start)}, ckpt_dir)
 
     t_start = time.perf_counter()
     try:
         while step < config.decoder_steps:
-            idx, corners = sampler.next_batch(config.batch_size)
+            idx, corners = run.sampler.next_batch(config.batch_size)
             x = _crops(train_images, idx, corners, config.crop_size).to(dev)
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mode()
@@ -561,7 +625,7 @@ def finetune_decoder(
             loss_g = l1 + config.ssim_weight * (1 - ssim) + config.adversarial_weight * g_adv
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip_norm)
             opt_g.step()
             d_fake = cast(torch.Tensor, adv(disc(rec.detach())[-1], target_is_real=False, for_discriminator=True))
             d_real = cast(torch.Tensor, adv(disc(x)[-1], target_is_real=True, for_discriminator=True))
@@ -574,11 +638,11 @@ def finetune_decoder(
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(f"decoder loss is {losses[-1]} at step {step}")
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == config.decoder_steps):
-                checkpoint()
+                _save_decoder_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
             on_step(step, config.decoder_steps, f"l1 {float(l1.detach()):.4f} ssim {float(ssim.detach()):.3f} "
                                                 f"adv {float(g_adv.detach()):.3f} disc {float(loss_d.detach()):.3f}")
     except Canceled:
-        checkpoint()
+        _save_decoder_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
         raise
     vae.eval()
     for p in vae.parameters():

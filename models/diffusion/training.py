@@ -253,6 +253,138 @@ def _resize_data(td: TrainingData, config: TrainingConfig) -> TrainingData:
     return TrainingData(out, td.labels, td.label_names, td.source, td.patient_ids)
 
 
+def _training_inputs(
+    data: str | Path | TrainingData | np.ndarray,
+    config: TrainingConfig,
+    labels: Sequence[int] | np.ndarray | None,
+    label_names: Sequence[str] | None,
+    latents: torch.Tensor | None,
+    vae: Any,
+) -> TrainingData:
+    """The run's :class:`TrainingData`; for a latent run, checks the latents against it and the config."""
+    if latents is None:
+        if config.in_channels != 1:
+            raise ValueError(f"in_channels={config.in_channels} trains on latents: pass latents=")
+        return _as_training_data(data, labels, label_names, config)
+    if vae is None:
+        raise ValueError("latents need their vae (the export and previews decode with it)")
+    if not isinstance(data, TrainingData):
+        raise ValueError("a latent run needs its TrainingData")
+    if tuple(latents.shape[1:]) != (config.in_channels, config.resolution, config.resolution):
+        raise ValueError(f"latents are {tuple(latents.shape[1:])}; the config wants "
+                         f"({config.in_channels}, {config.resolution}, {config.resolution})")
+    if len(latents) != len(data.images):
+        raise ValueError(f"{len(latents)} latents for {len(data.images)} images")
+    return data
+
+
+@dataclass
+class _TrainingState:
+    """Everything a checkpoint holds besides the config and data: model, EMA, optimiser, schedule, RNGs."""
+
+    unet: UNet2DModel
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    order: _DataOrder
+    noise_gen: torch.Generator
+    warm_start: dict[str, Any] | None
+    step: int = 0
+    wall_before: float = 0.0  # seconds of earlier (resumed) sessions
+    losses: list[float] = field(default_factory=list)
+
+
+def _fresh_state(
+    config: TrainingConfig, td: TrainingData, dev: torch.device, init_from: str | Path | None, resume: bool
+) -> _TrainingState:
+    """Seeded UNet (optionally warm-started), EMA, AdamW, cosine schedule, data order and noise generator."""
+    # Seed the global RNGs too: diffusers / torch layers may draw from them (e.g. dropout).
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    num_labels = len(td.label_names) if td.conditional else 0
+    unet: UNet2DModel = cast(Any, build_unet(config, num_labels)).to(dev)  # cast: see pipeline
+    warm_start: dict[str, Any] | None = None
+    if init_from is not None and not resume:
+        warm_start = _warm_start(unet, init_from, td.label_names)
+    unet.train()
+    if dev.type == "cuda":
+        unet = cast(Any, unet).to(memory_format=torch.channels_last)
+    ema = EMAModel(
+        unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
+        inv_gamma=1.0, power=3 / 4, model_cls=UNet2DModel, model_config=unet.config,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    order = _DataOrder(len(td.images), config.seed)
+    # A dedicated generator for noise, timesteps, label dropout and flips, so the sequence of random
+    # draws depends only on the seed and the step, not on unrelated library code.
+    noise_gen = torch.Generator().manual_seed(config.seed + 1)
+    return _TrainingState(unet, ema, optimizer, lr_scheduler, order, noise_gen, warm_start)
+
+
+def _resume_state(
+    state: _TrainingState, ckpt_dir: Path | None, config: TrainingConfig, td: TrainingData, dev: torch.device
+) -> None:
+    """Load a checkpoint into ``state`` (same config up to ``max_steps``, same labels; else ``ValueError``)."""
+    if ckpt_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    saved_state = load_checkpoint(ckpt_dir)
+    saved = TrainingConfig.from_dict(saved_state["config"])
+    if saved.replace(max_steps=config.max_steps) != config:
+        raise ValueError("the checkpoint was written with a different TrainingConfig")
+    if tuple(saved_state["label_names"]) != td.label_names:
+        raise ValueError(f"checkpoint labels {saved_state['label_names']} differ from data labels {td.label_names}")
+    state.unet.load_state_dict(saved_state["unet"])
+    state.ema.load_state_dict(saved_state["ema"])
+    state.ema.to(dev)
+    state.warm_start = saved_state.get("warm_start")
+    state.optimizer.load_state_dict(saved_state["optimizer"])
+    state.lr_scheduler.load_state_dict(saved_state["lr_scheduler"])
+    state.order.load_state_dict(saved_state["data_order"])
+    _set_rng_state(saved_state["rng"], state.noise_gen)
+    state.step = int(saved_state["step"])
+    state.wall_before = float(saved_state["wall_seconds"])
+    state.losses = list(saved_state.get("losses", []))
+
+
+def _save_checkpoint(
+    ckpt_dir: Path | None,
+    state: _TrainingState,
+    config: TrainingConfig,
+    td: TrainingData,
+    dev: torch.device,
+    wall_seconds: float,
+) -> None:
+    """Write the full training state atomically (no-op without a checkpoint folder)."""
+    if ckpt_dir is None:
+        return
+    save_checkpoint_atomic(
+        {
+            "format": "cxrsynth-diffusion-checkpoint/1",
+            "config": config.to_dict(),
+            "warm_start": state.warm_start,
+            "label_names": list(td.label_names),
+            "data_summary": {"source": td.source, "counts": td.counts(), "num_images": len(td.images)},
+            "unet": state.unet.state_dict(),
+            "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "lr_scheduler": state.lr_scheduler.state_dict(),
+            "data_order": state.order.state_dict(),
+            "rng": _rng_state(state.noise_gen),
+            "step": state.step,
+            "wall_seconds": wall_seconds,
+            "device": str(dev),
+            "device_words": _device_words(dev),
+            "losses": state.losses,
+        },
+        ckpt_dir,
+    )
+
+
 def train_generator(
     data: str | Path | TrainingData | np.ndarray,
     out_dir: str | Path | None,
@@ -285,110 +417,27 @@ def train_generator(
     ``AutoencoderKL``) make this the second stage of a latent generator (:mod:`models.diffusion.latent`):
     the UNet learns the latents instead of the pixels of ``data``, which stay at full size for the
     export's privacy index; the export and previews decode with ``vae`` and record ``autoencoder_info``.
+
+    The training loop below is kept unrolled (diffusers-style): one step reads top to bottom.
     """
-    if latents is not None:
-        if vae is None:
-            raise ValueError("latents need their vae (the export and previews decode with it)")
-        if not isinstance(data, TrainingData):
-            raise ValueError("a latent run needs its TrainingData")
-        if tuple(latents.shape[1:]) != (config.in_channels, config.resolution, config.resolution):
-            raise ValueError(f"latents are {tuple(latents.shape[1:])}; the config wants "
-                             f"({config.in_channels}, {config.resolution}, {config.resolution})")
-        if len(latents) != len(data.images):
-            raise ValueError(f"{len(latents)} latents for {len(data.images)} images")
-        td = data
-    else:
-        if config.in_channels != 1:
-            raise ValueError(f"in_channels={config.in_channels} trains on latents: pass latents=")
-        td = _as_training_data(data, labels, label_names, config)
+    td = _training_inputs(data, config, labels, label_names, latents, vae)
     dev = pick_device(device)
-    num_labels = len(td.label_names) if td.conditional else 0
-    null_class = num_labels
-
-    # Seed the global RNGs too: diffusers / torch layers may draw from them (e.g. dropout).
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    unet: UNet2DModel = cast(Any, build_unet(config, num_labels)).to(dev)  # cast: see pipeline
-    warm_start: dict[str, Any] | None = None
-    if init_from is not None and not resume:
-        warm_start = _warm_start(unet, init_from, td.label_names)
-    unet.train()
-    if dev.type == "cuda":
-        unet = cast(Any, unet).to(memory_format=torch.channels_last)
+    null_class = len(td.label_names) if td.conditional else 0
+    state = _fresh_state(config, td, dev, init_from, resume)
     noise_scheduler = build_noise_scheduler(config)
-    ema = EMAModel(
-        unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
-        inv_gamma=1.0, power=3 / 4, model_cls=UNet2DModel, model_config=unet.config,
-    )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=config.learning_rate, betas=config.adam_betas,
-        weight_decay=config.weight_decay,
-    )
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    order = _DataOrder(len(td.images), config.seed)
-    # A dedicated generator for noise, timesteps, label dropout and flips, so the sequence of random
-    # draws depends only on the seed and the step, not on unrelated library code.
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
-
-    step = 0
-    wall_before = 0.0
-    losses: list[float] = []
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume:
-        if ckpt_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        state = load_checkpoint(ckpt_dir)
-        saved = TrainingConfig.from_dict(state["config"])
-        if saved.replace(max_steps=config.max_steps) != config:
-            raise ValueError("the checkpoint was written with a different TrainingConfig")
-        if tuple(state["label_names"]) != td.label_names:
-            raise ValueError(f"checkpoint labels {state['label_names']} differ from data labels {td.label_names}")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        ema.to(dev)
-        warm_start = state.get("warm_start")
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        order.load_state_dict(state["data_order"])
-        _set_rng_state(state["rng"], noise_gen)
-        step = int(state["step"])
-        wall_before = float(state["wall_seconds"])
-        losses = list(state.get("losses", []))
+        _resume_state(state, ckpt_dir, config, td, dev)
+    unet, ema, optimizer, lr_scheduler = state.unet, state.ema, state.optimizer, state.lr_scheduler
+    order, noise_gen, losses = state.order, state.noise_gen, state.losses
 
     alphas = noise_scheduler.alphas_cumprod.to(dev)
     images_u8 = torch.from_numpy(td.images) if latents is None else None
     labels_t = torch.from_numpy(td.labels) if td.labels is not None else None
-
-    def checkpoint() -> None:
-        if ckpt_dir is None:
-            return
-        save_checkpoint_atomic(
-            {
-                "format": "cxrsynth-diffusion-checkpoint/1",
-                "config": config.to_dict(),
-                "warm_start": warm_start,
-                "label_names": list(td.label_names),
-                "data_summary": {"source": td.source, "counts": td.counts(), "num_images": len(td.images)},
-                "unet": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "data_order": order.state_dict(),
-                "rng": _rng_state(noise_gen),
-                "step": step,
-                "wall_seconds": wall_before + (time.perf_counter() - t_start),
-                "device": str(dev),
-                "device_words": _device_words(dev),
-                "losses": losses,
-            },
-            ckpt_dir,
-        )
-
     t_start = time.perf_counter()
     total = config.max_steps
     try:
-        while step < total:
+        while state.step < total:
             idx = order.next_batch(config.batch_size)
             if images_u8 is not None:
                 x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
@@ -417,31 +466,32 @@ def train_generator(
                 pred = unet(noisy, t, class_labels=class_labels).sample
             loss = F.mse_loss(pred.float(), target)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip_norm)
             optimizer.step()
             lr_scheduler.step()
             ema.step(unet.parameters())
-            step += 1
+            state.step += 1
             losses.append(float(loss.item()))
-            if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
-                checkpoint()
-            if preview_dir is not None and preview_every and step % preview_every == 0:
-                _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{step:06d}.png", dev, vae)
-            on_step(step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+            if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == total):
+                _save_checkpoint(ckpt_dir, state, config, td, dev, state.wall_before + (time.perf_counter() - t_start))
+            if preview_dir is not None and preview_every and state.step % preview_every == 0:
+                _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{state.step:06d}.png", dev, vae)
+            on_step(state.step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
     except Canceled:
-        checkpoint()
+        _save_checkpoint(ckpt_dir, state, config, td, dev, state.wall_before + (time.perf_counter() - t_start))
         raise
-    wall = wall_before + (time.perf_counter() - t_start)
+    wall = state.wall_before + (time.perf_counter() - t_start)
+    step = state.step
     result = TrainingResult(None, step, losses[-1] if losses else float("nan"), wall, str(dev), losses)
     if out_dir is not None:
         from models.diffusion.export import export_generator
 
         result.out_dir = export_generator(
             out_dir, unet, ema, config, td, steps=step, wall_seconds=wall, device=_device_words(dev),
-            sample_grid=sample_grid, vae=vae, autoencoder_info=autoencoder_info, warm_start=warm_start,
+            sample_grid=sample_grid, vae=vae, autoencoder_info=autoencoder_info, warm_start=state.warm_start,
         )
     return result
 

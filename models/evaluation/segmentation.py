@@ -41,7 +41,7 @@ from models.evaluation.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
 from models.evaluation.classification import EvalMode, write_report
 from models.evaluation.encoders import EvalEncoder, resolve_encoder
 from models.evaluation.metrics import segmentation_metrics, summarise_per_image
-from models.evaluation.splits import validation_split
+from models.evaluation.splits import TrainValSplit, validation_split
 from models.ssl.augment import normalize, to_unit_float
 
 REPORT_FORMAT = "cxrsynth-evaluation/1"
@@ -212,39 +212,25 @@ def _predict_logits(
     return torch.cat(out)
 
 
-def evaluate_segmentation(
-    encoder: str | Path | EvalEncoder,
-    train_data: str | Path,
-    test_data: str | Path,
-    *,
-    mode: EvalMode = "finetune",
-    label_fraction: float = 1.0,
-    config: SegmentationConfig | None = None,
-    json_path: str | Path | None = None,
-    on_step: OnStep = no_progress,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Train a lung segmenter on ``encoder`` and report test Dice, IoU and HD95 with bootstrap CIs.
+@dataclass(frozen=True)
+class _SegmentationData:
+    """The decoded pixels of a run: training and validation at the encoder's size, test masks native."""
 
-    ``encoder`` is an encoder directory, ``"scratch"`` or ``"scratch:<timm name>"``. Raises
-    ``ValueError`` for an empty folder, a missing mask, an image/mask size mismatch, a corrupt image,
-    or test == train.
-    """
-    from monai.losses import DiceCELoss
+    split: TrainValSplit[MaskPair]
+    test_pairs: list[MaskPair]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test_native: list[np.ndarray]
 
-    cfg = config or SegmentationConfig()
-    if mode not in ("linear", "finetune"):
-        raise ValueError(f"mode must be 'linear' or 'finetune', got {mode!r}")
-    if Path(train_data).resolve() == Path(test_data).resolve():
-        raise ValueError("test_data is the training folder: give a separate test folder")
-    t0 = time.perf_counter()
-    dev = pick_device(device)
-    train_pairs = list_mask_pairs(train_data)
-    test_pairs = list_mask_pairs(test_data)
-    enc = resolve_encoder(encoder, scratch_model=cfg.scratch_model, scratch_kwargs=cfg.scratch_kwargs,
-                          resolution=cfg.resolution, seed=cfg.seed)
-    if enc.aspect_mode == "center-crop":
-        raise ValueError("segmentation needs an invertible resize: use an encoder with aspect mode 'pad' or 'squash'")
+
+def _split_and_load(
+    train_pairs: list[MaskPair], test_pairs: list[MaskPair], enc: EvalEncoder, cfg: SegmentationConfig,
+    label_fraction: float,
+) -> _SegmentationData:
+    """Patient-level train/validation split of the training pairs, then decode every image and mask."""
     records = [ImageRecord(p.image, p.label, p.patient_id) for p in train_pairs]
     split = validation_split(records, train_pairs, val_fraction=cfg.val_fraction, label_fraction=label_fraction,
                              seed=cfg.seed)
@@ -253,7 +239,13 @@ def evaluate_segmentation(
     x_val, y_val = _load_pairs(split.val, res, aspect)
     x_test = np.stack([load_grey(p.image, res, aspect) for p in test_pairs])  # type: ignore[arg-type]
     y_test_native = [_binary_mask(p.mask, None, aspect) for p in test_pairs]
+    return _SegmentationData(split, test_pairs, x_train, y_train, x_val, y_val, x_test, y_test_native)
 
+
+def _seeded_model(
+    enc: EvalEncoder, cfg: SegmentationConfig, mode: EvalMode, dev: torch.device
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """The seeded segmenter, its encoder (frozen for ``linear``) and AdamW over what trains."""
     torch.manual_seed(cfg.seed)
     enc_copy = dataclasses.replace(enc, module=enc.fresh_copy())
     model = build_segmentation_model(enc_copy, cfg.decoder_channels).to(dev)
@@ -266,14 +258,24 @@ def evaluate_segmentation(
     if mode == "finetune":
         groups.append({"params": list(encoder_module.parameters()), "lr": cfg.learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return model, encoder_module, optimizer
+
+
+def _train_and_select(
+    model: nn.Module, encoder_module: nn.Module, optimizer: torch.optim.Optimizer, data: _SegmentationData,
+    enc: EvalEncoder, cfg: SegmentationConfig, mode: EvalMode, dev: torch.device, on_step: OnStep,
+) -> dict[str, Any]:
+    """Train with Dice + CE; load the epoch with the best validation Dice into ``model``; the selection."""
+    from monai.losses import DiceCELoss
+
     loss_fn = DiceCELoss(sigmoid=True)
-    augment = _joint_augmentation(res).to(dev) if cfg.augment else None
+    augment = _joint_augmentation(enc.resolution).to(dev) if cfg.augment else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(x_train)
+    n = len(data.x_train)
     per_epoch = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
     total = per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
     step = 0
@@ -299,23 +301,80 @@ def evaluate_segmentation(
             scheduler.step()
             step += 1
             on_step(min(step, total), total, f"segmentation epoch {epoch}/{cfg.epochs} loss {loss.item():.4f}")
-        val_logits = _predict_logits(model, x_val, enc, dev, cfg.batch_size)
-        val_dice = float(np.nanmean(segmentation_metrics(val_logits > 0, torch.from_numpy(y_val).unsqueeze(1))["dice"]))
+        val_logits = _predict_logits(model, data.x_val, enc, dev, cfg.batch_size)
+        val_dice = float(np.nanmean(segmentation_metrics(val_logits > 0,
+                                                         torch.from_numpy(data.y_val).unsqueeze(1))["dice"]))
         history.append({"epoch": epoch, "validation_dice": val_dice})
         if best is None or val_dice > best[0]:  # ties keep the earlier epoch
             best = (val_dice, epoch, copy.deepcopy(model.state_dict()))
     assert best is not None
     model.load_state_dict(best[2])
+    return {"criterion": "validation Dice", "chosen": {"epoch": best[1]}, "validation_dice": best[0],
+            "candidates": history}
 
-    test_logits = _predict_logits(model, x_test, enc, dev, cfg.batch_size)
+
+def _score_test(
+    model: nn.Module, data: _SegmentationData, enc: EvalEncoder, cfg: SegmentationConfig, dev: torch.device
+) -> dict[str, np.ndarray]:
+    """Per test image Dice, IoU and HD95 at the mask's native resolution (logits mapped back through the resize)."""
+    test_logits = _predict_logits(model, data.x_test, enc, dev, cfg.batch_size)
     per_image: dict[str, list[float]] = {"dice": [], "iou": [], "hd95": []}
-    for i, target in enumerate(y_test_native):
-        native = _native_logits(test_logits[i : i + 1], target.shape, res, aspect)  # type: ignore[arg-type]
+    for i, target in enumerate(data.y_test_native):
+        native = _native_logits(test_logits[i : i + 1], target.shape, enc.resolution,  # type: ignore[arg-type]
+                                enc.aspect_mode)
         vals = segmentation_metrics(native > 0, torch.from_numpy(target)[None, None])
         for k in per_image:
             per_image[k].append(float(vals[k][0]))
-    arrays = {k: np.asarray(v) for k, v in per_image.items()}
+    return {k: np.asarray(v) for k, v in per_image.items()}
+
+
+def _scored_sections(arrays: dict[str, np.ndarray], cfg: SegmentationConfig) -> dict[str, Any]:
+    """Test metrics with bootstrap CIs from the per-image arrays, and how many HD95 values were undefined."""
     metrics = summarise_per_image(arrays, n_resamples=cfg.n_resamples, confidence=cfg.confidence, seed=cfg.seed)
+    return {
+        "metrics": {k: v.to_dict() for k, v in metrics.items()},
+        "hd95_undefined": int(np.isnan(arrays["hd95"]).sum()),
+        "metric_notes": "per test image at the mask's native resolution, then the mean; HD95 in pixels, "
+                        "undefined (skipped) when the prediction is empty",
+    }
+
+
+def evaluate_segmentation(
+    encoder: str | Path | EvalEncoder,
+    train_data: str | Path,
+    test_data: str | Path,
+    *,
+    mode: EvalMode = "finetune",
+    label_fraction: float = 1.0,
+    config: SegmentationConfig | None = None,
+    json_path: str | Path | None = None,
+    on_step: OnStep = no_progress,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Train a lung segmenter on ``encoder`` and report test Dice, IoU and HD95 with bootstrap CIs.
+
+    ``encoder`` is an encoder directory, ``"scratch"`` or ``"scratch:<timm name>"``. Raises
+    ``ValueError`` for an empty folder, a missing mask, an image/mask size mismatch, a corrupt image,
+    or test == train.
+    """
+    cfg = config or SegmentationConfig()
+    if mode not in ("linear", "finetune"):
+        raise ValueError(f"mode must be 'linear' or 'finetune', got {mode!r}")
+    if Path(train_data).resolve() == Path(test_data).resolve():
+        raise ValueError("test_data is the training folder: give a separate test folder")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    train_pairs = list_mask_pairs(train_data)
+    test_pairs = list_mask_pairs(test_data)
+    enc = resolve_encoder(encoder, scratch_model=cfg.scratch_model, scratch_kwargs=cfg.scratch_kwargs,
+                          resolution=cfg.resolution, seed=cfg.seed)
+    if enc.aspect_mode == "center-crop":
+        raise ValueError("segmentation needs an invertible resize: use an encoder with aspect mode 'pad' or 'squash'")
+    data = _split_and_load(train_pairs, test_pairs, enc, cfg, label_fraction)
+
+    model, encoder_module, optimizer = _seeded_model(enc, cfg, mode, dev)
+    selection = _train_and_select(model, encoder_module, optimizer, data, enc, cfg, mode, dev, on_step)
+    arrays = _score_test(model, data, enc, cfg, dev)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "task": "segmentation",
@@ -324,21 +383,17 @@ def evaluate_segmentation(
         "encoder": enc.describe(),
         "train_data": str(train_data),
         "test_data": str(test_data),
-        "resolution": res,
+        "resolution": enc.resolution,
         "decoder": "smp DPT" if enc.fixed_input_size else "smp U-Net",
         "split": {
-            **split.summary(),
-            "val_patients": len({p.patient_id for p in split.val}),
+            **data.split.summary(),
+            "val_patients": len({p.patient_id for p in data.split.val}),
             "test": len(test_pairs),
             "patient_level": True,
             "val_fraction": cfg.val_fraction,
         },
-        "model_selection": {"criterion": "validation Dice", "chosen": {"epoch": best[1]},
-                            "validation_dice": best[0], "candidates": history},
-        "metrics": {k: v.to_dict() for k, v in metrics.items()},
-        "hd95_undefined": int(np.isnan(arrays["hd95"]).sum()),
-        "metric_notes": "per test image at the mask's native resolution, then the mean; HD95 in pixels, "
-                        "undefined (skipped) when the prediction is empty",
+        "model_selection": selection,
+        **_scored_sections(arrays, cfg),
         "bootstrap": {"method": "percentile over images", "n_resamples": cfg.n_resamples,
                       "confidence": cfg.confidence, "seed": cfg.seed},
         "config": cfg.to_dict(),

@@ -17,6 +17,7 @@ import math
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -164,6 +165,227 @@ def write_sample_grid(
     return out
 
 
+@dataclass(frozen=True)
+class _CheckedInputs:
+    """Validated inputs of :func:`generator_report`: image tensors, label indices (or ``None``), names."""
+
+    syn: torch.Tensor
+    syn_lab: np.ndarray | None
+    real: torch.Tensor
+    real_lab: np.ndarray | None
+    names: list[str]
+
+
+@dataclass(frozen=True)
+class _ComparisonSets:
+    """The three image sets compared: ``reference`` (real half A), ``synthetic`` and ``real_half_b``."""
+
+    sets: dict[str, tuple[torch.Tensor, np.ndarray | None]]
+    reference_half: int
+    real_half_b: int
+    candidates_per_row: int
+
+
+@dataclass
+class _Progress:
+    """Counts report steps and passes each one to ``on_step`` (which may raise ``Canceled``)."""
+
+    on_step: OnStep
+    total: int
+    step: int = 0
+
+    def advance(self, message: str) -> None:
+        self.step += 1
+        self.on_step(self.step, self.total, message)
+
+
+_ROWS = (("synthetic_vs_real", "synthetic"), ("real_vs_real", "real_half_b"))
+_STEPS_PER_ROW = 3  # FID and PRDC, within-label MS-SSIM, label fidelity
+_REPORT_NOTES = (
+    "Both rows use real half A as the reference; candidates (synthetic, real half B) are seeded "
+    "subsamples of equal size and label mix, so the real_vs_real row is the score of a perfect "
+    "generator at this sample size.",
+    "FID and PRDC are in the reference classifier's penultimate feature space (domain FID), not Inception.",
+    "Diversity is mean pairwise MS-SSIM within a label: lower is more diverse; compare with real_vs_real.",
+    "If the real folder is the reference classifier's training data, real_vs_real label fidelity is "
+    "optimistic; the classifier's held-out figures are under reference_classifier.validation.",
+)
+
+
+def _check_inputs(
+    synthetic_images: ImageBatch,
+    synthetic_labels: Labels | None,
+    real_images: ImageBatch,
+    real_labels: Labels | None,
+    label_names: Sequence[str],
+    k: int,
+    n_pairs: int,
+) -> _CheckedInputs:
+    """Images of equal size, labels that index ``label_names``, ``k`` and ``n_pairs`` >= 1; else ``ValueError``."""
+    syn = check_images(synthetic_images, "synthetic_images")
+    real = check_images(real_images, "real_images")
+    if syn.shape[-2:] != real.shape[-2:]:
+        raise ValueError(
+            f"synthetic {tuple(syn.shape[-2:])} and real {tuple(real.shape[-2:])} images differ in size; "
+            "load the real images at the synthetic resolution"
+        )
+    syn_lab = (
+        None
+        if synthetic_labels is None
+        else check_labels(_as_numpy(synthetic_labels), syn.shape[0], "synthetic_labels")
+    )
+    if syn_lab is not None and real_labels is None:
+        raise ValueError("real_labels are required when synthetic_labels are given")
+    real_lab = None if real_labels is None else check_labels(_as_numpy(real_labels), real.shape[0], "real_labels")
+    names = list(label_names)
+    for lab, what in ((syn_lab, "synthetic_labels"), (real_lab, "real_labels")):
+        if lab is not None and (lab.min() < 0 or lab.max() >= len(names)):
+            raise ValueError(f"{what} must be indices into label_names {names}")
+    if k < 1 or n_pairs < 1:
+        raise ValueError("k and n_pairs must be >= 1")
+    return _CheckedInputs(syn, syn_lab, real, real_lab, names)
+
+
+def _comparison_sets(inputs: _CheckedInputs, real_patient_ids: Sequence[str] | None, seed: int) -> _ComparisonSets:
+    """Split the real images into halves A / B, then match synthetic and half-B candidates by size and labels."""
+    syn, syn_lab, real, real_lab = inputs.syn, inputs.syn_lab, inputs.real, inputs.real_lab
+    a_idx, b_idx = _split_real_halves(real_lab, real_patient_ids, int(real.shape[0]), seed)
+    if syn_lab is None:
+        real_lab = None  # unconditional: real labels only stratified the halves; compare label-blind
+    b_lab = None if real_lab is None else real_lab[b_idx]
+    s_pick, b_pick = _matched_candidates(syn_lab, b_lab, int(syn.shape[0]), len(b_idx), len(inputs.names), seed)
+    if len(s_pick) < 2:
+        raise ValueError("fewer than 2 synthetic images share a label with the real half; nothing to compare")
+    b_pick = b_idx[b_pick]
+    sets = {
+        "reference": (real[torch.from_numpy(a_idx)], None if real_lab is None else real_lab[a_idx]),
+        "synthetic": (syn[torch.from_numpy(s_pick)], None if syn_lab is None else syn_lab[s_pick]),
+        "real_half_b": (real[torch.from_numpy(b_pick)], None if real_lab is None else real_lab[b_pick]),
+    }
+    return _ComparisonSets(sets, len(a_idx), len(b_idx), len(s_pick))
+
+
+def _feature_chunk(batch_size: int) -> int:
+    """Images per ``features_and_proba`` call (one progress step each)."""
+    return max(1, batch_size) * 4
+
+
+def _count_steps(sets: _ComparisonSets, batch_size: int) -> int:
+    """Feature chunks of every set, three steps per row, one for writing the report."""
+    chunk = _feature_chunk(batch_size)
+    n_chunks = sum(math.ceil(int(imgs.shape[0]) / chunk) for imgs, _ in sets.sets.values())
+    return n_chunks + len(_ROWS) * _STEPS_PER_ROW + 1
+
+
+def _extract_features(
+    clf: ReferenceClassifier, sets: _ComparisonSets, batch_size: int, progress: _Progress
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Reference-classifier embeddings and pneumonia probabilities of every set, in chunks."""
+    chunk = _feature_chunk(batch_size)
+    feats: dict[str, torch.Tensor] = {}
+    probs: dict[str, torch.Tensor] = {}
+    for name, (imgs, _) in sets.sets.items():
+        f_parts, p_parts = [], []
+        for start in range(0, int(imgs.shape[0]), chunk):
+            f, p = clf.features_and_proba(imgs[start : start + chunk], batch_size=batch_size)
+            f_parts.append(f)
+            p_parts.append(p)
+            progress.advance(f"reference-classifier features: {name} {start + len(f)}/{imgs.shape[0]}")
+        feats[name], probs[name] = torch.cat(f_parts), torch.cat(p_parts)
+    return feats, probs
+
+
+def _row_metrics(
+    row: str,
+    cand: str,
+    sets: _ComparisonSets,
+    feats: dict[str, torch.Tensor],
+    probs: dict[str, torch.Tensor],
+    names: list[str],
+    positive_label: str,
+    *,
+    k: int,
+    n_pairs: int,
+    seed: int,
+    progress: _Progress,
+) -> dict[str, Any]:
+    """One report row: candidate set ``cand`` against the reference (FID/PRDC, diversity, label fidelity)."""
+    ref_lab = sets.sets["reference"][1]
+    cand_imgs, cand_lab = sets.sets[cand]
+    metrics: dict[str, Any] = dict(_set_metrics(feats[cand], feats["reference"], k))
+    if cand_lab is not None and ref_lab is not None:
+        metrics["per_label"] = {
+            lab_name: _set_metrics(feats[cand][cand_lab == i], feats["reference"][ref_lab == i], k)
+            for i, lab_name in enumerate(names)
+        }
+    progress.advance(f"{row}: FID and PRDC")
+    metrics["diversity"] = diversity_by_label(cand_imgs, cand_lab, names, n_pairs=n_pairs, seed=seed)
+    progress.advance(f"{row}: within-label MS-SSIM")
+    metrics["label_fidelity"] = _fidelity(probs[cand], cand_lab, names, positive_label)
+    metrics["mean_pneumonia_probability"] = _mean_probability_by_label(probs[cand], cand_lab, names)
+    progress.advance(f"{row}: label fidelity")
+    return metrics
+
+
+def _counts(inputs: _CheckedInputs, sets: _ComparisonSets) -> dict[str, Any]:
+    syn_lab = sets.sets["synthetic"][1]
+    return {
+        "synthetic_given": int(inputs.syn.shape[0]),
+        "real_given": int(inputs.real.shape[0]),
+        "reference_half": sets.reference_half,
+        "real_half_b": sets.real_half_b,
+        "candidates_per_row": sets.candidates_per_row,
+        "candidates_per_label": (
+            {n: int((syn_lab == i).sum()) for i, n in enumerate(inputs.names)} if syn_lab is not None else None
+        ),
+    }
+
+
+def _fid_ratio(rows: dict[str, dict[str, Any]]) -> float | None:
+    """Synthetic FID over the real-vs-real FID (``None`` when either is missing or the yardstick is 0)."""
+    syn_fid, real_fid = rows["synthetic_vs_real"].get("fid"), rows["real_vs_real"].get("fid")
+    if isinstance(syn_fid, float) and isinstance(real_fid, float) and real_fid > 0:
+        return round(syn_fid / real_fid, 3)
+    return None
+
+
+def _classifier_info(clf: ReferenceClassifier) -> dict[str, Any]:
+    return {
+        "timm_name": clf.config.timm_name,
+        "resolution": clf.config.resolution,
+        "version": clf.config.version,
+        "num_features": clf.num_features,
+        "training_data": {key: clf.config.training_data.get(key) for key in ("folder", "images", "patients")},
+        "validation": clf.config.validation,
+    }
+
+
+def _settings(k: int, n_pairs: int, seed: int, image_size: int, patient_level: bool) -> dict[str, Any]:
+    return {
+        "k": k,
+        "n_pairs": n_pairs,
+        "seed": seed,
+        "ms_ssim": ms_ssim_settings(image_size),
+        "real_split": "two disjoint label-stratified halves; "
+        + ("patient-level" if patient_level else "image-level (no patient ids given)"),
+    }
+
+
+def _machine(clf: ReferenceClassifier) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "device": str(clf.device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _write_json(report: dict[str, Any], json_path: str | Path) -> None:
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
 def generator_report(
     synthetic_images: ImageBatch,
     synthetic_labels: Labels | None,
@@ -193,156 +415,40 @@ def generator_report(
     given. ``on_step`` may raise ``Canceled`` between steps.
     """
     t_start = time.time()
-    syn = check_images(synthetic_images, "synthetic_images")
-    real = check_images(real_images, "real_images")
-    if syn.shape[-2:] != real.shape[-2:]:
-        raise ValueError(
-            f"synthetic {tuple(syn.shape[-2:])} and real {tuple(real.shape[-2:])} images differ in size; "
-            "load the real images at the synthetic resolution"
-        )
-    syn_lab = (
-        None
-        if synthetic_labels is None
-        else check_labels(_as_numpy(synthetic_labels), syn.shape[0], "synthetic_labels")
-    )
-    if syn_lab is not None and real_labels is None:
-        raise ValueError("real_labels are required when synthetic_labels are given")
-    real_lab = None if real_labels is None else check_labels(_as_numpy(real_labels), real.shape[0], "real_labels")
-    names = list(label_names)
-    for lab, what in ((syn_lab, "synthetic_labels"), (real_lab, "real_labels")):
-        if lab is not None and (lab.min() < 0 or lab.max() >= len(names)):
-            raise ValueError(f"{what} must be indices into label_names {names}")
-    if k < 1 or n_pairs < 1:
-        raise ValueError("k and n_pairs must be >= 1")
-
+    inputs = _check_inputs(synthetic_images, synthetic_labels, real_images, real_labels, label_names, k, n_pairs)
+    names = inputs.names
     clf = classifier if classifier is not None else load_reference_classifier()
-    a_idx, b_idx = _split_real_halves(real_lab, real_patient_ids, int(real.shape[0]), seed)
-    if syn_lab is None:
-        real_lab = None  # unconditional: real labels only stratified the halves; compare label-blind
-    b_lab = None if real_lab is None else real_lab[b_idx]
-    s_pick, b_pick = _matched_candidates(syn_lab, b_lab, int(syn.shape[0]), len(b_idx), len(names), seed)
-    if len(s_pick) < 2:
-        raise ValueError("fewer than 2 synthetic images share a label with the real half; nothing to compare")
-    b_pick = b_idx[b_pick]
-    sets = {
-        "reference": (real[torch.from_numpy(a_idx)], None if real_lab is None else real_lab[a_idx]),
-        "synthetic": (syn[torch.from_numpy(s_pick)], None if syn_lab is None else syn_lab[s_pick]),
-        "real_half_b": (real[torch.from_numpy(b_pick)], None if real_lab is None else real_lab[b_pick]),
+    sets = _comparison_sets(inputs, real_patient_ids, seed)
+    progress = _Progress(on_step, _count_steps(sets, batch_size))
+    feats, probs = _extract_features(clf, sets, batch_size, progress)
+    rows = {
+        row: _row_metrics(row, cand, sets, feats, probs, names, clf.config.positive_label,
+                          k=k, n_pairs=n_pairs, seed=seed, progress=progress)
+        for row, cand in _ROWS
     }
-
-    chunk = max(1, batch_size) * 4
-    n_chunks = sum(math.ceil(int(imgs.shape[0]) / chunk) for imgs, _ in sets.values())
-    total = n_chunks + 2 * 3 + 1
-    step = 0
-    feats: dict[str, torch.Tensor] = {}
-    probs: dict[str, torch.Tensor] = {}
-    for name, (imgs, _) in sets.items():
-        f_parts, p_parts = [], []
-        for start in range(0, int(imgs.shape[0]), chunk):
-            f, p = clf.features_and_proba(imgs[start : start + chunk], batch_size=batch_size)
-            f_parts.append(f)
-            p_parts.append(p)
-            step += 1
-            on_step(step, total, f"reference-classifier features: {name} {start + len(f)}/{imgs.shape[0]}")
-        feats[name], probs[name] = torch.cat(f_parts), torch.cat(p_parts)
-
-    ref_lab = sets["reference"][1]
-    rows: dict[str, dict[str, Any]] = {}
-    for row, cand in (("synthetic_vs_real", "synthetic"), ("real_vs_real", "real_half_b")):
-        cand_lab = sets[cand][1]
-        metrics: dict[str, Any] = dict(_set_metrics(feats[cand], feats["reference"], k))
-        if cand_lab is not None and ref_lab is not None:
-            metrics["per_label"] = {
-                lab_name: _set_metrics(feats[cand][cand_lab == i], feats["reference"][ref_lab == i], k)
-                for i, lab_name in enumerate(names)
-            }
-        step += 1
-        on_step(step, total, f"{row}: FID and PRDC")
-        metrics["diversity"] = diversity_by_label(sets[cand][0], cand_lab, names, n_pairs=n_pairs, seed=seed)
-        step += 1
-        on_step(step, total, f"{row}: within-label MS-SSIM")
-        metrics["label_fidelity"] = _fidelity(probs[cand], cand_lab, names, clf.config.positive_label)
-        metrics["mean_pneumonia_probability"] = _mean_probability_by_label(probs[cand], cand_lab, names)
-        step += 1
-        on_step(step, total, f"{row}: label fidelity")
-        rows[row] = metrics
-
-    syn_fid, real_fid = rows["synthetic_vs_real"].get("fid"), rows["real_vs_real"].get("fid")
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "label_names": names,
-        "conditional": syn_lab is not None,
-        "counts": {
-            "synthetic_given": int(syn.shape[0]),
-            "real_given": int(real.shape[0]),
-            "reference_half": len(a_idx),
-            "real_half_b": len(b_idx),
-            "candidates_per_row": len(s_pick),
-            "candidates_per_label": (
-                {n: int((sets["synthetic"][1] == i).sum()) for i, n in enumerate(names)}
-                if sets["synthetic"][1] is not None
-                else None
-            ),
-        },
+        "conditional": inputs.syn_lab is not None,
+        "counts": _counts(inputs, sets),
         "rows": rows,
-        "fid_ratio_synthetic_to_real": (
-            round(syn_fid / real_fid, 3)
-            if isinstance(syn_fid, float) and isinstance(real_fid, float) and real_fid > 0
-            else None
-        ),
-        "reference_classifier": {
-            "timm_name": clf.config.timm_name,
-            "resolution": clf.config.resolution,
-            "version": clf.config.version,
-            "num_features": clf.num_features,
-            "training_data": {k_: clf.config.training_data.get(k_) for k_ in ("folder", "images", "patients")},
-            "validation": clf.config.validation,
-        },
-        "settings": {
-            "k": k,
-            "n_pairs": n_pairs,
-            "seed": seed,
-            "ms_ssim": ms_ssim_settings(int(syn.shape[-1])),
-            "real_split": "two disjoint label-stratified halves; "
-            + ("patient-level" if real_patient_ids is not None else "image-level (no patient ids given)"),
-        },
-        "notes": [
-            "Both rows use real half A as the reference; candidates (synthetic, real half B) are seeded "
-            "subsamples of equal size and label mix, so the real_vs_real row is the score of a perfect "
-            "generator at this sample size.",
-            "FID and PRDC are in the reference classifier's penultimate feature space (domain FID), not Inception.",
-            "Diversity is mean pairwise MS-SSIM within a label: lower is more diverse; compare with real_vs_real.",
-            "If the real folder is the reference classifier's training data, real_vs_real label fidelity is "
-            "optimistic; the classifier's held-out figures are under reference_classifier.validation.",
-        ],
-        "machine": {
-            "platform": platform.platform(),
-            "device": str(clf.device),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "fid_ratio_synthetic_to_real": _fid_ratio(rows),
+        "reference_classifier": _classifier_info(clf),
+        "settings": _settings(k, n_pairs, seed, int(inputs.syn.shape[-1]), real_patient_ids is not None),
+        "notes": list(_REPORT_NOTES),
+        "machine": _machine(clf),
         "wall_time_s": None,
         **(extra or {}),
     }
     if grid_path is not None:
-        write_sample_grid(
-            sets["synthetic"][0],
-            sets["synthetic"][1],
-            sets["real_half_b"][0],
-            sets["real_half_b"][1],
-            names,
-            grid_path,
-            grid_columns,
-        )
+        (syn_imgs, syn_lab), (b_imgs, b_lab) = sets.sets["synthetic"], sets.sets["real_half_b"]
+        write_sample_grid(syn_imgs, syn_lab, b_imgs, b_lab, names, grid_path, grid_columns)
         report["grid_png"] = str(grid_path)
-    step += 1
-    on_step(step, total, "report written")
+    progress.advance("report written")
     report["wall_time_s"] = round(time.time() - t_start, 1)
     report = _clean(report)
     if json_path is not None:
-        out = Path(json_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        _write_json(report, json_path)
     return report
 
 

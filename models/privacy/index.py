@@ -150,6 +150,75 @@ def _summary(values: np.ndarray) -> dict[str, float]:
         "mean": round(float(values.mean()), 5)}
 
 
+def _check_index_inputs(images: np.ndarray, holdout: np.ndarray | None, quantile: float) -> None:
+    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"training images must be square uint8 (N, R, R), got {images.dtype} {images.shape}")
+    if len(images) < 2:
+        raise ValueError("the privacy index needs at least 2 training images")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if holdout is not None and (holdout.ndim != 3 or holdout.shape[1:] != images.shape[1:] or len(holdout) == 0):
+        raise ValueError(f"holdout images must be (M, {images.shape[1]}, {images.shape[2]}) uint8, got {holdout.shape}")
+
+
+@dataclass(frozen=True)
+class _ReferencePairs:
+    """Which (reference image, training image) pairs calibration skips, in words and as group keys."""
+
+    query_keys: np.ndarray  # per reference image
+    train_keys: np.ndarray  # per training image
+    exclusions: str
+    source: str
+
+
+def _reference_pairs(
+    sha: np.ndarray, patient_ids: Sequence[str] | None, holdout: np.ndarray | None
+) -> _ReferencePairs:
+    """Leave-one-out skips the image itself, its exact duplicates and (when known) its patient; a holdout
+    image skips only training images identical to it."""
+    keys = pair_exclusion_keys(sha, patient_ids)
+    if holdout is None:
+        exclusions = ("the image itself, exact duplicates" + (", the same patient" if patient_ids is not None else
+                      " (patient ids unknown: other images of the same patient count as real pairs, which can "
+                      "only raise the thresholds)"))
+        return _ReferencePairs(keys, keys, exclusions, "leave-one-out over the training images")
+    n = len(sha)
+    # Only exact duplicates are skipped: a held-out image shares a key with identical training images.
+    _, inv = np.unique(np.concatenate([sha, image_digests(holdout)]), axis=0, return_inverse=True)
+    inv = np.asarray(inv, dtype=np.int64).reshape(-1, 1)
+    return _ReferencePairs(inv[n:], inv[:n], "training images identical to the held-out image",
+                           "held-out real images against the training images")
+
+
+def _reference_similarities(
+    ref_images: np.ndarray,
+    train_pix: np.ndarray,
+    train_emb: np.ndarray,
+    embedder: Embedder,
+    space: EmbeddingSpace,
+    pairs: _ReferencePairs,
+    *,
+    steps_before: int,
+    total: int,
+    on_step: OnStep,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest admissible training neighbour of each reference image: (pixel, embedding) similarities, finite only."""
+    ref_pix, ref_emb = [], []
+    for k, s in enumerate(range(0, len(ref_images), BUILD_BLOCK)):
+        block = ref_images[s : s + BUILD_BLOCK]
+        qg, tg = pairs.query_keys[s : s + BUILD_BLOCK], pairs.train_keys
+        sc = score_images(block, train_pix, train_emb, embedder, space, query_groups=qg, train_groups=tg)
+        ref_pix.append(sc.pixel)
+        ref_emb.append(sc.embedding)
+        on_step(steps_before + k + 1, total,
+                f"calibration {min(s + BUILD_BLOCK, len(ref_images))}/{len(ref_images)}")
+    rp, re_ = np.concatenate(ref_pix), np.concatenate(ref_emb)
+    finite = np.isfinite(rp) & np.isfinite(re_)  # an image with no admissible neighbour has none
+    if finite.sum() < 2:
+        raise ValueError("calibration needs at least 2 reference images with an admissible nearest neighbour")
+    return rp[finite], re_[finite]
+
+
 def build_privacy_index(
     images: np.ndarray,
     *,
@@ -169,14 +238,7 @@ def build_privacy_index(
     (``patient_ids``, one per image, when known) and exact duplicates. Raises ``ValueError`` for bad
     shapes, fewer than 2 training images or a quantile outside (0, 1].
     """
-    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"training images must be square uint8 (N, R, R), got {images.dtype} {images.shape}")
-    if len(images) < 2:
-        raise ValueError("the privacy index needs at least 2 training images")
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if holdout is not None and (holdout.ndim != 3 or holdout.shape[1:] != images.shape[1:] or len(holdout) == 0):
-        raise ValueError(f"holdout images must be (M, {images.shape[1]}, {images.shape[2]}) uint8, got {holdout.shape}")
+    _check_index_inputs(images, holdout, quantile)
     t0 = time.time()
     embedder = embedder or load_embedder(device=device)
     n = len(images)
@@ -192,33 +254,9 @@ def build_privacy_index(
     train_emb = space(raw).half().numpy()
     train_pix = pixel_vectors(images).half().numpy()
     sha = image_digests(images)
-    keys = pair_exclusion_keys(sha, patient_ids)
-    if holdout is None:
-        exclusions = ("the image itself, exact duplicates" + (", the same patient" if patient_ids is not None else
-                      " (patient ids unknown: other images of the same patient count as real pairs, which can "
-                      "only raise the thresholds)"))
-        ref_source = "leave-one-out over the training images"
-        query_keys, train_keys = keys, keys
-    else:
-        exclusions = "training images identical to the held-out image"
-        ref_source = "held-out real images against the training images"
-        # Only exact duplicates are skipped: a held-out image shares a key with identical training images.
-        _, inv = np.unique(np.concatenate([sha, image_digests(holdout)]), axis=0, return_inverse=True)
-        inv = np.asarray(inv, dtype=np.int64).reshape(-1, 1)
-        query_keys, train_keys = inv[n:], inv[:n]
-    ref_pix, ref_emb = [], []
-    for k, s in enumerate(range(0, len(ref_images), BUILD_BLOCK)):
-        block = ref_images[s : s + BUILD_BLOCK]
-        qg, tg = query_keys[s : s + BUILD_BLOCK], train_keys
-        sc = score_images(block, train_pix, train_emb, embedder, space, query_groups=qg, train_groups=tg)
-        ref_pix.append(sc.pixel)
-        ref_emb.append(sc.embedding)
-        on_step(len(blocks) + k + 1, total, f"calibration {min(s + BUILD_BLOCK, len(ref_images))}/{len(ref_images)}")
-    rp, re_ = np.concatenate(ref_pix), np.concatenate(ref_emb)
-    finite = np.isfinite(rp) & np.isfinite(re_)  # an image with no admissible neighbour has none
-    if finite.sum() < 2:
-        raise ValueError("calibration needs at least 2 reference images with an admissible nearest neighbour")
-    rp, re_ = rp[finite], re_[finite]
+    pairs = _reference_pairs(sha, patient_ids, holdout)
+    rp, re_ = _reference_similarities(ref_images, train_pix, train_emb, embedder, space, pairs,
+                                      steps_before=len(blocks), total=total, on_step=on_step)
     resolution = int(images.shape[1])
     index = PrivacyIndex(
         sha256=[bytes(row).hex() for row in sha],
@@ -231,8 +269,8 @@ def build_privacy_index(
         pixel_threshold=round(float(np.quantile(rp, quantile)), 6),
         embedding_threshold=round(float(np.quantile(re_, quantile)), 6),
         quantile=quantile,
-        reference={"source": ref_source, "data": source, "num_reference_images": len(rp),
-                   "num_training_images": n, "excluded_pairs": exclusions,
+        reference={"source": pairs.source, "data": source, "num_reference_images": len(rp),
+                   "num_training_images": n, "excluded_pairs": pairs.exclusions,
                    "pixel": _summary(rp), "embedding": _summary(re_),
                    "seconds": round(time.time() - t0, 1)},
         features=feature_description(resolution, embedder.spec, int(train_emb.shape[1])),

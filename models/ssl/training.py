@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from models.callbacks import Canceled, OnStep, no_progress
 from models.checkpoints import CHECKPOINT_NAME, read_checkpoint, save_checkpoint_atomic
 from models.device import Precision, autocast_for, pick_device, resolve_precision
-from models.ssl.augment import normalize
+from models.ssl.augment import MultiViewAugment, normalize
 from models.ssl.backbones import backbone_kwargs, check_input_size, create_backbone
 from models.ssl.base import SSLModel
 from models.ssl.config import PretrainConfig
@@ -116,6 +116,121 @@ def _device_words(dev: torch.device, arithmetic: Precision) -> str:
     return f"CPU, {torch.get_num_threads()} threads, {arithmetic}"
 
 
+@dataclass
+class _Run:
+    """What a pretraining run trains and checkpoints: the data, the model and its optimiser state."""
+
+    config: PretrainConfig
+    dataset: Dataset[torch.Tensor]
+    summary: DataSummary
+    dev: torch.device
+    arithmetic: Precision
+    model: SSLModel
+    views: MultiViewAugment
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineWarmupScheduler
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: steps done, the wall time of earlier sessions and the loss of every step."""
+
+    step: int = 0
+    wall_before: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def _set_up(data: str | Path | np.ndarray | Dataset[Any] | ShardSource, config: PretrainConfig,
+            device: str) -> _Run:
+    """Data, device, seeded model, views, AdamW and the warm-up/cosine schedule (in this order: it seeds)."""
+    dataset, summary = pretraining_dataset(data, config.resolution, config.aspect_mode, config.cache_limit_mb)
+    dev = pick_device(device)
+    arithmetic = training_precision(config, dev)  # an impossible bf16 fails here, not mid-run
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = build_ssl_model(config).to(dev)
+    model.train()
+    views = model.views().to(dev)
+    groups = param_groups_weight_decay(model.trainable_modules(), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    scheduler = CosineWarmupScheduler(
+        optimizer, warmup_epochs=config.warmup_steps, max_epochs=config.max_steps,
+        end_value=config.min_learning_rate / config.learning_rate,
+    )
+    return _Run(config, dataset, summary, dev, arithmetic, model, views, optimizer, scheduler)
+
+
+def _resume(run: _Run, ckpt_dir: Path | None) -> _Progress:
+    """Restore model, optimiser, scheduler and RNG state from ``ckpt_dir``; the progress it had reached."""
+    if ckpt_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    state = load_checkpoint(ckpt_dir)
+    if state["config"] != run.config.to_dict():
+        raise ValueError("the checkpoint was written with a different PretrainConfig")
+    if state["data"]["num_images"] != run.summary.num_images:
+        raise ValueError(
+            f"the checkpoint was trained on {state['data']['num_images']} images, "
+            f"this data has {run.summary.num_images}"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return _Progress(int(state["step"]), float(state["wall_seconds"]), list(state["losses"]))
+
+
+def _save_checkpoint(ckpt_dir: Path | None, run: _Run, step: int, losses: list[float], wall_seconds: float) -> None:
+    """Write the full state of ``run`` after ``step`` steps atomically to ``ckpt_dir`` (nothing if ``None``)."""
+    if ckpt_dir is None:
+        return
+    save_checkpoint_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": run.config.to_dict(),
+            "data": run.summary.to_dict(),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "step": step,
+            "wall_seconds": wall_seconds,
+            "losses": losses,
+            "device": str(run.dev),
+        },
+        ckpt_dir,
+    )
+
+
+def _export(out_dir: str | Path, run: _Run, result: PretrainResult, notes: str) -> Path:
+    """Export the trained encoder of ``run`` with its pretraining record; the export folder."""
+    from models.ssl.export import export_encoder
+
+    config = run.config
+    return export_encoder(
+        out_dir,
+        run.model.encoder(),
+        model_name=config.backbone,
+        timm_kwargs=backbone_kwargs(config.backbone, config.resolution, config.backbone_kwargs),
+        resolution=config.resolution,
+        aspect_mode=config.aspect_mode,
+        mean=config.norm_mean,
+        std=config.norm_std,
+        method=config.method,
+        pretraining={
+            "method": config.method,
+            "data": run.summary.to_dict(),
+            "steps": result.steps,
+            "batch_size": config.batch_size,
+            "wall_seconds": round(result.wall_seconds, 1),
+            "device": result.device,
+            "config": config.to_dict(),
+        },
+        fp16=config.export_fp16,
+        notes=notes,
+    )
+
+
 def pretrain(
     data: str | Path | np.ndarray | Dataset[Any] | ShardSource,
     config: PretrainConfig,
@@ -141,75 +256,21 @@ def pretrain(
     ``on_step`` raises :class:`Canceled` the state is checkpointed, then the exception propagates.
     ``out_dir=None`` skips the export.
     """
-    dataset, summary = pretraining_dataset(data, config.resolution, config.aspect_mode, config.cache_limit_mb)
-    dev = pick_device(device)
-    arithmetic = training_precision(config, dev)  # an impossible bf16 fails here, not mid-run
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    model = build_ssl_model(config).to(dev)
-    model.train()
-    views = model.views().to(dev)
-    groups = param_groups_weight_decay(model.trainable_modules(), weight_decay=config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    scheduler = CosineWarmupScheduler(
-        optimizer, warmup_epochs=config.warmup_steps, max_epochs=config.max_steps,
-        end_value=config.min_learning_rate / config.learning_rate,
-    )
-
-    step = 0
-    wall_before = 0.0
-    losses: list[float] = []
+    run = _set_up(data, config, device)
+    model, optimizer, scheduler, dev = run.model, run.optimizer, run.scheduler, run.dev
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume:
-        if ckpt_dir is None:
-            raise ValueError("resume=True needs a checkpoint_dir")
-        state = load_checkpoint(ckpt_dir)
-        if state["config"] != config.to_dict():
-            raise ValueError("the checkpoint was written with a different PretrainConfig")
-        if state["data"]["num_images"] != summary.num_images:
-            raise ValueError(
-                f"the checkpoint was trained on {state['data']['num_images']} images, "
-                f"this data has {summary.num_images}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step = int(state["step"])
-        wall_before = float(state["wall_seconds"])
-        losses = list(state["losses"])
-
+    progress = _resume(run, ckpt_dir) if resume else _Progress()
+    step, wall_before, losses = progress.step, progress.wall_before, progress.losses
     t_start = time.perf_counter()
 
-    def checkpoint() -> None:
-        if ckpt_dir is None:
-            return
-        save_checkpoint_atomic(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
-                "data": summary.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "step": step,
-                "wall_seconds": wall_before + (time.perf_counter() - t_start),
-                "losses": losses,
-                "device": str(dev),
-            },
-            ckpt_dir,
-        )
-
     total = config.max_steps
-    loader = pretraining_loader(dataset, config.batch_size, config.seed, step, total, config.num_workers,
+    loader = pretraining_loader(run.dataset, config.batch_size, config.seed, step, total, config.num_workers,
                                 pin_memory=dev.type == "cuda")
     try:
         for batch in loader:
             x = batch.to(dev, non_blocking=True)
-            crops = [normalize(v, config.norm_mean, config.norm_std) for v in views(x)]
-            with autocast_for(dev, arithmetic):
+            crops = [normalize(v, config.norm_mean, config.norm_std) for v in run.views(x)]
+            with autocast_for(dev, run.arithmetic):
                 loss = model.training_loss(crops, step, total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
@@ -223,40 +284,17 @@ def pretrain(
             step += 1
             losses.append(float(loss.item()))
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
-                checkpoint()
+                _save_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
             on_step(step, total, f"{config.method} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
     except Canceled:
-        checkpoint()
+        _save_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
         raise
 
     wall = wall_before + (time.perf_counter() - t_start)
     result = PretrainResult(
         None, config.method, config.backbone, step, losses[-1] if losses else float("nan"), wall,
-        _device_words(dev, arithmetic), summary, losses,
+        _device_words(dev, run.arithmetic), run.summary, losses,
     )
     if out_dir is not None:
-        from models.ssl.export import export_encoder
-
-        result.out_dir = export_encoder(
-            out_dir,
-            model.encoder(),
-            model_name=config.backbone,
-            timm_kwargs=backbone_kwargs(config.backbone, config.resolution, config.backbone_kwargs),
-            resolution=config.resolution,
-            aspect_mode=config.aspect_mode,
-            mean=config.norm_mean,
-            std=config.norm_std,
-            method=config.method,
-            pretraining={
-                "method": config.method,
-                "data": summary.to_dict(),
-                "steps": step,
-                "batch_size": config.batch_size,
-                "wall_seconds": round(wall, 1),
-                "device": result.device,
-                "config": config.to_dict(),
-            },
-            fp16=config.export_fp16,
-            notes=notes,
-        )
+        result.out_dir = _export(out_dir, run, result, notes)
     return result

@@ -172,7 +172,7 @@ def test_console_in_headless_chromium(settings_factory: Any, services_factory: A
     suffix = secrets.token_hex(3)
     key_a = create_tenant(svc, f"St Elsewhere {suffix}")
     key_b = create_tenant(svc, f"Other Hospital {suffix}")
-    # Tenant B owns a small real dataset (an upload answers at once, no worker needed).
+    # Tenant B owns a small real dataset (the upload answers at once, pending; the worker builds its export).
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("normal/a.png", png(40))

@@ -277,10 +277,26 @@ def image_folder_zip(per_label: dict[str, int], wrap: str | None = None) -> byte
     return zip_bytes(members)
 
 
-def upload(client: TestClient, auth: TenantAuth, files: list[tuple[str, bytes]], **fields: str) -> Any:
-    """POST /v1/datasets with ``files`` as ``file`` parts and ``fields`` as form fields."""
+def upload(client: TestClient, auth: TenantAuth, files: list[tuple[str, bytes]], build: bool = True,
+           **fields: str) -> Any:
+    """POST /v1/datasets with ``files`` as ``file`` parts and ``fields`` as form fields. The API answers with
+    the dataset ``pending`` and enqueues its build; with ``build`` (default) the test then does what the
+    worker does with that message (``cxrsynth.build_dataset``), so the dataset is ready afterwards. The
+    response (status ``pending``) is returned as the API sent it."""
     parts = [("file", (name, data, "application/octet-stream")) for name, data in files]
-    return client.post("/v1/datasets", files=parts, data=fields, headers=auth.headers)
+    resp = client.post("/v1/datasets", files=parts, data=fields, headers=auth.headers)
+    if build and resp.status_code == 201:
+        build_uploaded(client, resp.json()["id"])
+    return resp
+
+
+def build_uploaded(client: TestClient, dataset_id: str) -> None:
+    """What a worker does with the ``cxrsynth.build_dataset`` message of an upload or a registration, in
+    this process, with the app's own settings and store."""
+    from worker.exports import run_dataset_build
+
+    app: Any = client.app
+    run_dataset_build(get_sessionmaker(app.state.settings.database_url), app.state.store, dataset_id)
 
 
 def assert_problem(resp: Any, status: int, slug: str | None = None) -> dict[str, Any]:

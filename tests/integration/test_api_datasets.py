@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
+from app.core.queue import CPU_QUEUE, TASK_BUILD_DATASET
 from app.core.security import DownloadGrant, sign_download
 from app.db.orm import Dataset
 from app.db.session import get_sessionmaker
@@ -26,9 +27,11 @@ from app.storage.base import ObjectStore
 from tests.integration.conftest import (
     TenantAuth,
     assert_problem,
+    build_uploaded,
     image_folder_zip,
     jpeg_bytes,
     png_bytes,
+    queued_tasks,
     running_client,
     upload,
     zip_bytes,
@@ -41,22 +44,32 @@ def _keys(store: ObjectStore, prefix: str) -> list[str]:
     return sorted(o.key for o in store.list(prefix))
 
 
-def test_upload_image_folder_zip(client: TestClient, tenant: TenantAuth, store: ObjectStore) -> None:
+def test_upload_image_folder_zip(client: TestClient, tenant: TenantAuth, store: ObjectStore,
+                                 api_redis_url: str) -> None:
     data = image_folder_zip({"NORMAL": 3, "PNEUMONIA": 2}, wrap="kermany")
     # A 16-bit PNG and a colour JPEG in the same upload are normalised to 8-bit grey PNGs.
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(buf, "PNG")
     extra = zip_bytes({"NORMAL/deep.png": buf.getvalue(), "PNEUMONIA/colour.jpg": jpeg_bytes(),
                        "labels.csv": b"file,label\n", "__MACOSX/._x.png": b"junk", "NORMAL/.DS_Store": b"junk"})
-    resp = upload(client, tenant, [("kermany.zip", data), ("extra.zip", extra)], name="Kermany subset")
+    resp = upload(client, tenant, [("kermany.zip", data), ("extra.zip", extra)], build=False, name="Kermany subset")
     assert resp.status_code == 201, resp.text
     ds = resp.json()
-    assert ds["name"] == "Kermany subset" and ds["origin"] == "real" and ds["status"] == "ready"
+    # The request answered once the images were stored: the export is the worker's job, not built yet.
+    assert ds["name"] == "Kermany subset" and ds["origin"] == "real" and ds["status"] == "pending"
     assert ds["num_images"] == 7 and ds["label_counts"] == {"normal": 4, "pneumonia": 3}
     root = f"tenants/{tenant.id}/datasets/{ds['id']}"
     assert ds["prefix"] == f"{root}/images" and ds["manifest_key"] == f"{root}/manifest.csv"
+    export_key = f"{root}/exports/{ds['id']}.zip"
     keys = _keys(store, root + "/")
-    assert f"{root}/exports/{ds['id']}.zip" in keys and f"{root}/images/normal/deep.png" in keys
+    assert export_key not in keys and f"{root}/images/normal/deep.png" in keys
+    assert (TASK_BUILD_DATASET, [ds["id"]]) in queued_tasks(api_redis_url, CPU_QUEUE)
+    assert client.get(f"/v1/datasets/{ds['id']}", headers=tenant.headers).json() == ds
+    assert_problem(client.get(f"/v1/datasets/{ds['id']}/download", headers=tenant.headers), 409, "not-ready")
+    build_uploaded(client, ds["id"])  # what the worker does with the queued message
+    ds["status"] = "ready"
+    assert export_key in _keys(store, root + "/")
+    build_uploaded(client, ds["id"])  # a redelivered message changes nothing
     rows = list(csv.DictReader(io.StringIO(store.get_bytes(ds["manifest_key"]).decode())))
     assert len(rows) == 7 and set(rows[0]) == {"file", "label", "sha256"}
     for row in rows:
@@ -237,6 +250,10 @@ def test_register_prefix(client: TestClient, tenant: TenantAuth, store: ObjectSt
     assert resp.status_code == 201, resp.text
     ds = resp.json()
     assert ds["prefix"] == base and ds["label_counts"] == {"normal": 1, "pneumonia": 1}
+    assert ds["status"] == "pending"
+    assert not store.exists(f"tenants/{tenant.id}/datasets/{ds['id']}/exports/{ds['id']}.zip")
+    build_uploaded(client, ds["id"])
+    assert client.get(f"/v1/datasets/{ds['id']}", headers=tenant.headers).json()["status"] == "ready"
     link = client.get(f"/v1/datasets/{ds['id']}/download", headers=tenant.headers).json()
     with zipfile.ZipFile(io.BytesIO(httpx.get(link["url"], timeout=10).content)) as zf:
         assert {"NORMAL/a.png", "PNEUMONIA/b.jpeg", "manifest.csv"} <= set(zf.namelist())
@@ -322,3 +339,21 @@ def test_local_store_signed_files(settings_with: Callable[..., Settings], tenant
         assert_problem(c.get(f"/v1/files/{escape}"), 403, "invalid-download-token")
         gone = sign_download(secret, DownloadGrant("tenants/x/none.zip", int(time.time()) + 60, "p", "text/plain"))
         assert_problem(c.get(f"/v1/files/{gone}"), 404)
+
+
+def test_upload_with_the_broker_down_leaves_no_trace(settings_with: Callable[..., Settings], tenant: TenantAuth,
+                                                     unchanged: Any) -> None:
+    settings = settings_with(broker_url="redis://127.0.0.1:1/0")
+    with running_client(settings) as c, unchanged():
+        assert_problem(upload(c, tenant, [("s.zip", image_folder_zip({"normal": 1}))]), 503, "queue-unavailable")
+
+
+def test_a_failed_build_marks_the_upload_failed(client: TestClient, tenant: TenantAuth, store: ObjectStore) -> None:
+    ds = upload(client, tenant, [("s.zip", image_folder_zip({"normal": 2}))], build=False).json()
+    store.delete(f"{ds['prefix']}/normal/img001.png")  # an image lost before the worker ran
+    build_uploaded(client, ds["id"])
+    got = client.get(f"/v1/datasets/{ds['id']}", headers=tenant.headers).json()
+    assert got["status"] == "failed" and "img001.png" in got["card"]["build_error"]
+    assert not store.exists(f"tenants/{tenant.id}/datasets/{ds['id']}/exports/{ds['id']}.zip")
+    assert_problem(client.get(f"/v1/datasets/{ds['id']}/download", headers=tenant.headers), 409, "not-ready")
+    assert client.delete(f"/v1/datasets/{ds['id']}", headers=tenant.headers).status_code == 204

@@ -29,8 +29,6 @@ from app.core.queue import CPU_QUEUE, TASK_BUILD_EXPORT
 from app.db.orm import Dataset, Job, JobEvent
 from app.db.session import get_sessionmaker
 from app.services import releases
-from app.services.exports import build_dataset_export
-from app.services.releases import run_export_task
 from app.storage.base import ObjectStore, build_store
 from tests.integration.conftest import (
     TenantAuth,
@@ -40,6 +38,8 @@ from tests.integration.conftest import (
     running_client,
     upload,
 )
+from worker import exports as worker_exports
+from worker.exports import build_dataset_export, run_export_task
 
 pytestmark = pytest.mark.integration
 
@@ -276,7 +276,7 @@ def test_a_running_build_reports_progress(client: TestClient, tenant: TenantAuth
                                           api_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     ds_id = make_synthetic(api_settings, store, tenant, "passed", n=130, with_zip=False)
     assert _download(client, tenant, ds_id, "webdataset").status_code == 202
-    monkeypatch.setattr(releases, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(worker_exports, "HEARTBEAT_S", 0.0)
     seen: list[dict[str, Any]] = []
     original = store.put_bytes
 

@@ -94,6 +94,8 @@ def test_generation_same_bytes_whatever_the_sharding(stack: dict[str, Any]) -> N
     with stack["sessions"]() as s:
         ds = s.get(Dataset, s.get(Job, a).result["dataset_id"])
         assert ds.status == "ready" and ds.num_images == 7 and ds.origin == "synthetic"
+        # total_bytes: the images' bytes, as for uploads (it stayed 0 for generated datasets before)
+        assert ds.total_bytes == sum(ctx.store.size(f"{ds.prefix}/{r['file']}") for r in rows_a) > 0
         export = [o.key for o in ctx.store.list(ds.prefix.rsplit("/", 1)[0] + "/exports/")]
     assert len(export) == 1
     with zipfile.ZipFile(io.BytesIO(ctx.store.get_bytes(export[0]))) as zf:

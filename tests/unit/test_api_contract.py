@@ -15,12 +15,13 @@ from pydantic import BaseModel, ValidationError
 from app.core.problems import Conflict, InvalidInput, TooManyJobs, install_problem_handlers
 from app.db.orm import Dataset
 from app.schemas.jobs import GenerationRequest, GeneratorTrainingRequest
-from app.services.exports import ManifestRow, build_zip_export, manifest_csv, parse_manifest, safe_filename
+from app.services.exports import ManifestRow, manifest_csv, parse_manifest, safe_filename
 from app.services.generations import _split_evenly
 from app.services.jobs import request_hash
 from app.services.model_assets import builtin_id, generator_labels
 from app.services.pagination import check_limit, decode_cursor, encode_cursor
 from app.storage.local import LocalStore
+from worker.exports import build_zip_export
 
 
 class _Body(BaseModel):

@@ -91,6 +91,33 @@ def test_pretrain_then_evaluate_classification(slices: dict[str, Path], tmp_path
     assert report["encoder"]["method"] == "dino"
 
 
+def test_pretrain_streams_webdataset_shards(slices: dict[str, Path], tmp_path: Path) -> None:
+    """``--data`` also takes a folder of WebDataset shards (what `datasets export --format webdataset` holds)."""
+    import io
+
+    import webdataset as wds
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(slices["train"].rglob("*.jpeg"))
+    for k in range(2):
+        with wds.TarWriter(str(shards / f"data-{k:06d}.tar")) as sink:
+            for f in files[k::2]:
+                buf = io.BytesIO()
+                with Image.open(f) as im:
+                    im.convert("L").save(buf, format="PNG")
+                sink.write({"__key__": f.stem, "png": buf.getvalue(), "cls": f.parent.name})
+    enc = tmp_path / "enc-wds"
+    result = _ok(["pretrain", "--data", str(shards), "--out", str(enc), "--steps", "2", *TINY])
+    assert f"{len(files)} images" in result.output
+    cfg = json.loads((enc / "config.json").read_text())
+    assert cfg["pretraining"]["data"]["num_images"] == len(files) and cfg["pretraining"]["steps"] == 2
+    empty = tmp_path / "empty-shards" / "shards"
+    empty.mkdir(parents=True)
+    bad = runner.invoke(app, ["pretrain", "--data", str(empty.parent), "--out", str(tmp_path / "x"), *TINY])
+    assert bad.exit_code != 0 and "shards" in bad.output
+
+
 def test_evaluate_segmentation_scratch_prints_json(slices: dict[str, Path]) -> None:
     result = runner.invoke(app, ["evaluate", "segmentation", "--encoder", "scratch", "--train-data",
                                  str(slices["seg_train"]), "--test-data", str(slices["seg_test"]), "--epochs", "1",
@@ -186,6 +213,7 @@ def test_pretrain_dataset_id_runs_an_embedded_job(embedded: Any, slices: dict[st
     from app.services.datasets import create_uploaded_dataset
     from app.services.uploads import _write_png
     from app.storage import build_store
+    from worker.exports import run_dataset_build
 
     migrate(embedded.database_url)
     images = []
@@ -195,8 +223,10 @@ def test_pretrain_dataset_id_runs_an_embedded_job(embedded: Any, slices: dict[st
                                      tmp_path / "prepared", f.name))
     with get_sessionmaker(embedded.database_url)() as s:
         tenant = local_tenant(s)
-        ds = create_uploaded_dataset(s, build_store(embedded), tenant.id, "kermany-slice", images)
+        store = build_store(embedded)
+        ds = create_uploaded_dataset(s, store, tenant.id, "kermany-slice", images)
         ds_id = ds.id
+    run_dataset_build(get_sessionmaker(embedded.database_url), store, ds_id)  # the worker's part of an upload
     out = tmp_path / "enc"
     _ok(["pretrain", "--dataset-id", ds_id, "--out", str(out), "--steps", "2", "--method", "simclr", *TINY])
     cfg = json.loads((out / "config.json").read_text())

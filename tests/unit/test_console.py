@@ -121,6 +121,10 @@ def upload_real_dataset(env: Env, tenant: Tenant) -> str:
     r = env.client.post("/v1/datasets", files={"file": ("set.zip", buf.getvalue(), "application/zip")},
                         headers={"Authorization": f"Bearer {tenant.key}"})
     assert r.status_code == 201, r.text
+    assert r.json()["status"] == "pending"  # the worker builds it; here, what the worker does, in process
+    from worker.exports import run_dataset_build
+
+    run_dataset_build(get_sessionmaker(env.settings.database_url), env.store, r.json()["id"])
     return str(r.json()["id"])
 
 

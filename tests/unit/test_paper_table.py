@@ -90,6 +90,30 @@ def test_a_killed_run_continues_from_its_cells(run: dict[str, Any]) -> None:
         k: v for k, v in run["doc"]["cells"].items() if k != dropped}
 
 
+def test_a_table_grows_across_runs_by_merging_earlier_results(run: dict[str, Any]) -> None:
+    """Another machine (a fresh cache, so a fresh run folder) runs one arm and merges the committed JSON of
+    the earlier run: the table holds both, and only the new arm's cells are computed."""
+    root, earlier = run["root"], run["root"] / "out" / "paper_table-smoke.json"
+    data_dir = run["args"][run["args"].index("--data-dir") + 1]
+    doc = pt.main(["--profile", "smoke", "--arms", "scratch", "--tasks", "classification", "--modes", "linear",
+                   "--fractions", "1", "--threads", "1", "--no-export", "--data-dir", data_dir,
+                   "--cache-dir", str(root / "cache-elsewhere"), "--out-dir", str(root / "out-merged"),
+                   "--merge", str(earlier)])
+    assert doc["cells_computed_this_run"] == 0  # the scratch cell came with the merged document
+    earlier_cells = json.loads(earlier.read_text())["cells"]  # (another test may have rewritten a cell's timing)
+    assert doc["cells"] == earlier_cells and set(doc["pretraining"]) == set(run["doc"]["pretraining"])
+    assert doc["merged_from"][0]["cells_added"] == len(earlier_cells)
+    assert set(doc["selection"]["arms"]) == {"scratch", "real", "synthetic", "raw-pixels"}
+    md = (root / "out-merged" / "paper_table-smoke.md").read_text()
+    assert "| synthetic | finetune | " in md
+    other = json.loads(earlier.read_text())
+    other["profile"]["fingerprint"] = "0000000000"
+    (root / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="fingerprint"):
+        pt.main(["--profile", "smoke", "--arms", "scratch", "--plan-only", "--data-dir", data_dir,
+                 "--cache-dir", str(root / "cache-elsewhere"), "--merge", str(root / "other.json")])
+
+
 def test_seeds_below_full_labels_are_distinct_cells(run: dict[str, Any]) -> None:
     root = run["root"]
     doc = pt.main(["--profile", "smoke", "--arms", "scratch,raw-pixels", "--tasks", "classification", "--modes",
@@ -112,8 +136,8 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
     from app.core.config import Settings
     from app.db.orm import Encoder
     from app.db.session import get_sessionmaker, migrate
+    from app.services.evaluations import resolve_evaluation_encoder
     from app.services.model_assets import encoder_out, ensure_builtin_encoders
-    from app.services.ssl_jobs import resolve_evaluation_encoder
     from app.services.tenants import create_tenant
     from models.ssl import load_encoder
 
@@ -157,9 +181,10 @@ def _evaluate_embedded(settings: Any, tenant_id: str, encoder_id: str, data: Pat
     from app.db.session import get_sessionmaker
     from app.schemas.jobs import EvaluationRequest
     from app.services.datasets import create_uploaded_dataset
-    from app.services.ssl_jobs import create_evaluation
+    from app.services.evaluations import create_evaluation
     from app.services.uploads import _write_png
     from app.storage import build_store
+    from worker.exports import run_dataset_build
 
     ids = {}
     with get_sessionmaker(settings.database_url)() as s:
@@ -170,6 +195,7 @@ def _evaluate_embedded(settings: Any, tenant_id: str, encoder_id: str, data: Pat
                     images.append(_write_png(im.resize((48, 48)), f.parent.name, f.stem + ".png",
                                              tmp_path / "prepared" / name, f.name))
             ids[name] = create_uploaded_dataset(s, build_store(settings), tenant_id, name, images).id
+            run_dataset_build(get_sessionmaker(settings.database_url), build_store(settings), ids[name])
         request = EvaluationRequest.model_validate(
             {"encoder_id": encoder_id, "train_dataset_id": ids["cls_train"], "test_dataset_id": ids["cls_test"]})
         job, _ = create_evaluation(s, settings, tenant_id, request, enqueue=False)

@@ -102,3 +102,54 @@ def test_app_imports_worker_from_one_module() -> None:
             if any(n == "worker" or n.startswith("worker.") for n in names):
                 importers.add(path.relative_to(ROOT).as_posix())
     assert importers == {"app/embedded.py"}
+
+
+def _imported_modules(path: Path) -> list[str]:
+    """Every module ``path`` imports (``from app import services`` counts as ``app.services``)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return found
+
+
+def test_worker_imports_no_app_services() -> None:
+    """The worker shares ``app.db``, ``app.storage``, ``app.core`` and ``app.schemas`` with the API, never its
+    services, routes, console or CLI (issue 14: export building moved to ``worker/exports.py``)."""
+    forbidden = ("app.services", "app.api", "app.console", "app.cli")
+    offenders = {
+        f"{path.relative_to(ROOT).as_posix()}: {name}"
+        for path in (ROOT / "worker").rglob("*.py")
+        for name in _imported_modules(path)
+        if any(name == f or name.startswith((f + ".", f + "_")) for f in forbidden)
+    }
+    assert offenders == set()
+
+
+def test_models_import_neither_app_nor_worker() -> None:
+    offenders = {
+        f"{path.relative_to(ROOT).as_posix()}: {name}"
+        for path in (ROOT / "models").rglob("*.py")
+        for name in _imported_modules(path)
+        if name.split(".")[0] in ("app", "worker")
+    }
+    assert offenders == set()
+
+
+def test_no_function_over_80_lines() -> None:
+    """Issue 14's house rule: long work is a list of named steps. The one exception keeps its unrolled
+    training loop on purpose (docs/architecture.md, Conventions)."""
+    allowed = {"models/diffusion/training.py::train_generator"}
+    long: dict[str, int] = {}
+    for top in ("app", "worker", "models"):
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                    lines = (node.end_lineno or node.lineno) - first + 1
+                    name = f"{path.relative_to(ROOT).as_posix()}::{node.name}"
+                    if lines > 80 and name not in allowed:
+                        long[name] = lines
+    assert long == {}

@@ -422,8 +422,9 @@ def _synthetic_dataset_row(tenant: str, ds_id: str, n: int, gate_status: str = "
 
 def test_service_builds_every_format_from_the_store(tmp_path: Path) -> None:
     from app.db.orm import Generator
-    from app.services.exports import build_dataset_export, dataset_export_key
+    from app.storage.layout import dataset_export_key
     from app.storage.local import LocalStore
+    from worker.exports import build_dataset_export
 
     store = LocalStore(tmp_path / "objects", secret="s", base_url="http://x")
     items = _store_synthetic_dataset(store, "t1", "d" * 32, 5)
@@ -452,6 +453,38 @@ def test_service_builds_every_format_from_the_store(tmp_path: Path) -> None:
     real.origin = "real"
     with pytest.raises(ValueError, match="no 'dicom' export"):
         build_dataset_export(store, real, "dicom")
+
+
+#: SHA-256 of the exports below as ``app.services.exports.build_dataset_export`` built them before issue 14
+#: moved building to the worker (``worker/exports.py`` + ``models/release/dataset.py``): same bytes.
+EXPORT_SHA256_BEFORE_THE_MOVE = {
+    ("synthetic", "zip"): "0fac67661f8af90838c82d8d5eeee290f0b7c2e7a001bad4a493d1aba283d1d9",
+    ("synthetic", "webdataset"): "52927c1c3769f5c9d99b042a598d86dcbb8d74f65e9e8a95dd0b118049772686",
+    ("synthetic", "dicom"): "50f75a255f32c352559d55e83b44d9bad064877db6daf1da5c955ecef2813819",
+    ("real", "zip"): "b0d46a715b4fb97bfaa31bc03c402dfb7bb09a353dcc0308c61f67c78b137958",
+    ("real", "webdataset"): "d9fdc109fce0915a8313aed1fc29b1926de4c88eb0f414c1762109f1097ea5ba",
+}
+
+
+def test_worker_builds_the_same_bytes_as_the_service_did(tmp_path: Path) -> None:
+    from app.db.orm import Generator
+    from app.storage.local import LocalStore
+    from worker.exports import build_dataset_export
+
+    store = LocalStore(tmp_path / "objects", secret="s", base_url="http://x")
+    _store_synthetic_dataset(store, "t1", "d" * 32, 5)
+    gen = Generator(id="gen-1", tenant_id=None, name="generator-kermany-64", card=GENERATOR_README,
+                    config={"labels": LABEL_IDS, "training_data": {"source": "kermany-pneumonia"}},
+                    metrics={"fid": 18.9})
+    synthetic = _synthetic_dataset_row("t1", "d" * 32, 5)
+    real = _synthetic_dataset_row("t1", "d" * 32, 5)
+    real.origin, real.card = "real", {"origin": "real", "source": "upload", "num_images": 5}
+    got = {}
+    for (origin, fmt) in EXPORT_SHA256_BEFORE_THE_MOVE:
+        ds, g = (synthetic, gen) if origin == "synthetic" else (real, None)
+        key = build_dataset_export(store, ds, fmt, generator=g, key=f"out/{origin}/{fmt}", read_workers=2)
+        got[(origin, fmt)] = hashlib.sha256(store.get_bytes(key)).hexdigest()
+    assert got == EXPORT_SHA256_BEFORE_THE_MOVE
 
 
 def test_cli_export_enforces_the_gate_and_records_an_override(tmp_path: Path,

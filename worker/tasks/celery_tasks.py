@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from app.core.config import get_settings
 from app.core.queue import (
+    TASK_BUILD_DATASET,
     TASK_BUILD_EXPORT,
     TASK_DELIVER_WEBHOOK,
     TASK_FINALIZE_JOB,
@@ -54,3 +55,8 @@ def deliver_webhook(job_id: str) -> None:
 @celery_app.task(name=TASK_BUILD_EXPORT)
 def build_export(dataset_id: str, fmt: str) -> None:
     exports.build_export(context(), dataset_id, fmt)
+
+
+@celery_app.task(name=TASK_BUILD_DATASET)
+def build_dataset(dataset_id: str) -> None:
+    exports.build_dataset(context(), dataset_id)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from sqlalchemy import select
 from app.core.queue import TASK_FINALIZE_JOB, TASK_GENERATION_SHARD
 from app.db.orm import Dataset, Generator, Job, JobShard, JobStatus, utcnow
 from app.storage.base import ObjectNotFound, tenant_key
-from models.callbacks import Canceled
+from models.callbacks import Canceled, OnStep
 from worker.runtime import (
     WorkerContext,
     load_job,
@@ -160,115 +161,222 @@ def _png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
-    """Generate images [start, stop) of a job; skip images already stored by an earlier delivery."""
+@dataclass(frozen=True)
+class _ShardWork:
+    """What one delivery of a shard generates: images ``todo`` of [start, stop), not yet stored."""
+
+    job_id: str
+    shard_index: int
+    params: dict[str, Any]
+    plan: list[str | None]
+    start: int
+    stop: int
+    todo: list[int]
+    generator: Generator
+    dataset: Dataset
+    on_step: OnStep
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class _DenoiseProgress:
+    """Denoising steps of one batch -> images of the shard, so progress moves smoothly and a cancel request
+    is seen within one step."""
+
+    work: _ShardWork
+    done_before: int
+    batch_images: int
+
+    def __call__(self, step: int, total: int, message: str) -> None:
+        self.work.on_step(self.done_before + (self.batch_images * step) // max(total, 1), self.work.size,
+                          f"shard {self.work.shard_index}: {message}")
+
+
+@dataclass(frozen=True)
+class _GateProgress:
+    """Progress (and cancel checks) while the privacy gate samples replacements for a batch."""
+
+    work: _ShardWork
+    done_before: int
+
+    def __call__(self, step: int, total: int, message: str) -> None:
+        self.work.on_step(self.done_before, self.work.size,
+                          f"shard {self.work.shard_index}: privacy gate, replacing: {message}")
+
+
+@dataclass(frozen=True)
+class _BatchSampler:
+    """Samples image indices of one batch with a request seed: ``sampler(indices, seed) -> uint8 images``."""
+
+    pipe: Any
+    work: _ShardWork
+    batch_size: int
+    extra: dict[str, Any]  # guidance_scale, when the job sets one
+    conditional: bool
+    progress: OnStep
+
+    def __call__(self, indices: list[int], seed: int) -> Any:
+        params = self.work.params
+        return self.pipe(labels=[self.work.plan[i] for i in indices] if self.conditional else None,
+                         num_images=None if self.conditional else len(indices), image_indices=indices, seed=seed,
+                         sampler=params.get("sampler", "dpmsolver++"),
+                         num_inference_steps=params.get("num_inference_steps"), batch_size=self.batch_size,
+                         callback=self.progress, output_type="np", **self.extra).images
+
+
+def _honour_cancel_request(ctx: WorkerContext, job_id: str, shard_index: int) -> bool:
+    """Transaction 1: skip a finished shard or job; a cancel request ends the job and deletes partial images.
+
+    Returns whether this delivery goes on.
+    """
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
         shard = s.get(JobShard, (job_id, shard_index))
         if job is None or shard is None or shard.status == JobStatus.succeeded.value:
-            return
+            return False
         if JobStatus(job.status).terminal:
-            return
+            return False
         canceled_dataset = (job.result or {}).get("dataset_id") if job.cancel_requested else None
         if job.cancel_requested:
             mark_canceled(s, job)
             shard.status = JobStatus.canceled.value
     if canceled_dataset is not None:
         _delete_partial(ctx, canceled_dataset)
-        return
+        return False
+    return True
+
+
+def _claim_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> tuple[Job, JobShard, Generator, Dataset] | None:
+    """Transaction 2: count this delivery (a shard delivered too often fails the job), mark shard and job running.
+
+    Returns the rows, detached from the session, or ``None`` when there is nothing to do.
+    """
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
         shard = s.get(JobShard, (job_id, shard_index))
         if job is None or shard is None or JobStatus(job.status).terminal:
-            return
+            return None
         shard.attempts += 1
         if shard.attempts > ctx.settings.max_task_attempts:
             mark_failed(s, job, "worker lost", f"shard {shard_index} was delivered {shard.attempts - 1} times "
                         "without finishing (worker killed or out of memory?)")
             shard.status = JobStatus.failed.value
-            return
+            return None
         shard.status = JobStatus.running.value
         mark_running(s, job)
         generator = s.get(Generator, _params(job).get("generator_id"))
         dataset = s.get(Dataset, (job.result or {}).get("dataset_id"))
         assert generator is not None and dataset is not None, "start_generation created both"
         s.expunge_all()
-    params = _params(job)
+    return job, shard, generator, dataset
+
+
+def _shard_work(ctx: WorkerContext, job: Job, shard: JobShard, generator: Generator, dataset: Dataset) -> _ShardWork:
+    """The images of the shard whose PNG is not stored yet (an earlier delivery may have written some)."""
     plan = _plan(job, generator)
     start, stop = shard.start, shard.stop
     done_keys = {o.key for o in ctx.store.list(dataset.prefix + "/")}
     todo = [i for i in range(start, stop) if image_key(dataset, i, plan[i]) not in done_keys]
-    on_step = make_progress_callback(ctx, job_id, shard_index)
-    t0 = time.perf_counter()
-    try:
-        pipe = load_pipeline(ctx, generator)
-        gate = privacy.load_gate(ctx, generator_dir(ctx, generator)) if todo else None
-        batch = max(1, min(len(todo), pipe.auto_batch_size())) if todo else 1
-        extra = {} if params.get("guidance_scale") is None else {"guidance_scale": float(params["guidance_scale"])}
-        for b in range(0, len(todo), batch):
-            idx = todo[b:b + batch]
-            done_before = (stop - start) - (len(todo) - b)
+    return _ShardWork(job.id, shard.index, _params(job), plan, start, stop, todo, generator, dataset,
+                      make_progress_callback(ctx, job.id, shard.index))
 
-            def denoise_progress(k: int, total: int, message: str, done_before: int = done_before,
-                                 m: int = len(idx)) -> None:
-                # Denoising steps of this batch -> images of the shard, so progress moves smoothly and a
-                # cancel request is seen within one step.
-                on_step(done_before + (m * k) // max(total, 1), stop - start, f"shard {shard_index}: {message}")
 
-            conditional = plan[idx[0]] is not None
+def _generate_batch(ctx: WorkerContext, work: _ShardWork, pipe: Any, gate: Any, idx: list[int], done_before: int,
+                    batch_size: int, extra: dict[str, Any]) -> None:
+    """Sample one batch, pass it through the privacy gate, store each gate record and then each PNG."""
+    sampler = _BatchSampler(pipe, work, batch_size, extra, conditional=work.plan[idx[0]] is not None,
+                            progress=_DenoiseProgress(work, done_before, len(idx)))
+    seed = int(work.params["seed"])
+    images = sampler(idx, seed)
+    if gate is not None:
+        # Rejected images are sampled again from seeds of (job seed, i, attempt); the record of
+        # each image is stored before its PNG (see worker.tasks.privacy).
+        regenerate = replace(sampler, progress=_GateProgress(work, done_before))
+        gated = privacy.gate_batch(gate, images, idx, regenerate, seed, ctx.settings.privacy_max_attempts)
+        images = gated.images
+        for record in gated.records:
+            privacy.put_record(ctx, work.dataset, record)
+    for i, img in zip(idx, images, strict=True):
+        ctx.store.put_bytes(image_key(work.dataset, i, work.plan[i]), _png_bytes(img), "image/png")
 
-            def sample(indices: list[int], seed: int, progress: Any = denoise_progress,
-                       conditional: bool = conditional) -> Any:
-                return pipe(labels=[plan[i] for i in indices] if conditional else None,
-                            num_images=None if conditional else len(indices), image_indices=indices, seed=seed,
-                            sampler=params.get("sampler", "dpmsolver++"),
-                            num_inference_steps=params.get("num_inference_steps"), batch_size=batch,
-                            callback=progress, output_type="np", **extra).images
 
-            images = sample(idx, int(params["seed"]))
-            if gate is not None:
-                # Rejected images are sampled again from seeds of (job seed, i, attempt); the record of
-                # each image is stored before its PNG (see worker.tasks.privacy).
-                def cancel_check(k: int, total: int, message: str, done: int = done_before) -> None:
-                    on_step(done, stop - start, f"shard {shard_index}: privacy gate, replacing: {message}")
+def _generate_missing(ctx: WorkerContext, work: _ShardWork) -> None:
+    """Generate and store the shard's missing images batch by batch (raises ``Canceled`` on a cancel request)."""
+    todo = work.todo
+    pipe = load_pipeline(ctx, work.generator)
+    gate = privacy.load_gate(ctx, generator_dir(ctx, work.generator)) if todo else None
+    batch = max(1, min(len(todo), pipe.auto_batch_size())) if todo else 1
+    params = work.params
+    extra = {} if params.get("guidance_scale") is None else {"guidance_scale": float(params["guidance_scale"])}
+    for b in range(0, len(todo), batch):
+        idx = todo[b:b + batch]
+        done_before = work.size - (len(todo) - b)
+        _generate_batch(ctx, work, pipe, gate, idx, done_before, batch, extra)
+        work.on_step(done_before + len(idx), work.size, f"shard {work.shard_index}: {b + len(idx)}/{len(todo)} images")
 
-                gated = privacy.gate_batch(gate, images, idx, lambda ii, sd: sample(ii, sd, cancel_check),
-                                           int(params["seed"]), ctx.settings.privacy_max_attempts)
-                images = gated.images
-                for record in gated.records:
-                    privacy.put_record(ctx, dataset, record)
-            for i, img in zip(idx, images, strict=True):
-                ctx.store.put_bytes(image_key(dataset, i, plan[i]), _png_bytes(img), "image/png")
-            on_step(done_before + len(idx), stop - start, f"shard {shard_index}: {b + len(idx)}/{len(todo)} images")
-    except Canceled:
-        with ctx.sessions.begin() as s:
-            job2 = load_job(s, job_id)
-            sh = s.get(JobShard, (job_id, shard_index))
-            if sh is not None:
-                sh.status = JobStatus.canceled.value
-            if job2 is not None:
-                mark_canceled(s, job2)
-        _delete_partial(ctx, dataset.id)
-        return
-    except Exception as exc:
-        log.exception("shard %s of job %s failed", shard_index, job_id)
-        with ctx.sessions.begin() as s:
-            job2 = load_job(s, job_id)
-            if job2 is not None:
-                mark_failed(s, job2, "generation failed", f"{type(exc).__name__}: {exc}")
-        return
-    elapsed = time.perf_counter() - t0
+
+def _cancel_shard(ctx: WorkerContext, job_id: str, shard_index: int, dataset_id: str) -> None:
+    """Transaction 3 (canceled): shard and job canceled; then the partial images are deleted."""
     with ctx.sessions.begin() as s:
+        job = load_job(s, job_id)
         sh = s.get(JobShard, (job_id, shard_index))
+        if sh is not None:
+            sh.status = JobStatus.canceled.value
+        if job is not None:
+            mark_canceled(s, job)
+    _delete_partial(ctx, dataset_id)
+
+
+def _fail_generation(ctx: WorkerContext, job_id: str, title: str, detail: str) -> None:
+    """Transaction: the job fails with a problem-shaped error (no-op when it already ended)."""
+    with ctx.sessions.begin() as s:
+        job = load_job(s, job_id)
+        if job is not None:
+            mark_failed(s, job, title, detail)
+
+
+def _complete_shard(ctx: WorkerContext, work: _ShardWork, elapsed: float) -> bool:
+    """Transaction 4: the shard succeeded; returns whether every shard of the job has now succeeded."""
+    with ctx.sessions.begin() as s:
+        sh = s.get(JobShard, (work.job_id, work.shard_index))
         assert sh is not None
         sh.status = JobStatus.succeeded.value
-        sh.done_items = stop - start
+        sh.done_items = work.size
         sh.compute_seconds += elapsed
         sh.updated_at = utcnow()
         s.flush()
         unfinished = s.scalar(select(JobShard.index).where(
-            JobShard.job_id == job_id, JobShard.status != JobStatus.succeeded.value).limit(1))
-    if unfinished is None:
+            JobShard.job_id == work.job_id, JobShard.status != JobStatus.succeeded.value).limit(1))
+    return unfinished is None
+
+
+def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
+    """Generate images [start, stop) of a job; skip images already stored by an earlier delivery.
+
+    Four transactions, in order: check for a cancel request, claim the delivery, (on cancel or error)
+    end the job, mark the shard succeeded. Images and gate records are written between the second and
+    the last, each to a key fixed by (job seed, index), so a redelivery writes the same bytes.
+    """
+    if not _honour_cancel_request(ctx, job_id, shard_index):
+        return
+    claimed = _claim_shard(ctx, job_id, shard_index)
+    if claimed is None:
+        return
+    work = _shard_work(ctx, *claimed)
+    t0 = time.perf_counter()
+    try:
+        _generate_missing(ctx, work)
+    except Canceled:
+        _cancel_shard(ctx, job_id, shard_index, work.dataset.id)
+        return
+    except Exception as exc:
+        log.exception("shard %s of job %s failed", shard_index, job_id)
+        _fail_generation(ctx, job_id, "generation failed", f"{type(exc).__name__}: {exc}")
+        return
+    if _complete_shard(ctx, work, time.perf_counter() - t0):
         ctx.dispatcher.send(TASK_FINALIZE_JOB, job_id)
 
 
@@ -285,22 +393,28 @@ def _delete_partial(ctx: WorkerContext, dataset_id: str) -> None:
     ctx.store.delete_prefix(gate_prefix + "/")
 
 
-def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
-    """Write manifest and card, build the zip export, mark dataset ready and job succeeded (idempotent)."""
-    from app.services.exports import build_dataset_export
+class _ImageMissing(Exception):
+    """An image of the plan has no stored PNG at finalize time."""
 
+
+def _load_finished_generation(ctx: WorkerContext, job_id: str) -> tuple[Job, Generator, Dataset] | None:
+    """Transaction 1 (job row locked): the job, generator and dataset, detached, once every shard succeeded."""
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id, lock=True)
         if job is None or JobStatus(job.status).terminal:
-            return
+            return None
         generator = s.get(Generator, _params(job).get("generator_id"))
         dataset = s.get(Dataset, (job.result or {}).get("dataset_id"))
         shards = list(s.scalars(select(JobShard).where(JobShard.job_id == job_id)))
         if any(sh.status != JobStatus.succeeded.value for sh in shards) or generator is None or dataset is None:
-            return
+            return None
         s.expunge_all()
-    params = _params(job)
-    plan = _plan(job, generator)
+    return job, generator, dataset
+
+
+def _manifest_rows(ctx: WorkerContext, dataset: Dataset, generator: Generator, params: dict[str, Any],
+                   plan: list[str | None]) -> list[dict[str, Any]]:
+    """One manifest row per planned image, with the SHA-256 of its stored PNG; ``_ImageMissing`` if one is not."""
     from models.diffusion.pipeline import image_seed
 
     rows = []
@@ -309,15 +423,17 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
         try:
             digest = hashlib.sha256(ctx.store.get_bytes(key)).hexdigest()
         except ObjectNotFound:
-            with ctx.sessions.begin() as s:
-                j = load_job(s, job_id)
-                if j is not None:
-                    mark_failed(s, j, "image missing", f"image {i} ({key}) was not written")
-            return
+            raise _ImageMissing(f"image {i} ({key}) was not written") from None
         rows.append({"file": key[len(dataset.prefix) + 1:], "index": i, "label": label or "", "sha256": digest,
                      "seed": image_seed(int(params["seed"]), i), "sampler": params.get("sampler"),
                      "steps": params.get("num_inference_steps"), "guidance": params.get("guidance_scale"),
                      "generator_id": generator.id})
+    return rows
+
+
+def _apply_privacy_gate(ctx: WorkerContext, dataset: Dataset, generator: Generator, params: dict[str, Any],
+                        plan: list[str | None], rows: list[dict[str, Any]]) -> privacy.PrivacyOutcome:
+    """Privacy report of the dataset; adds the gate's columns (and replaced images' seeds) to ``rows``."""
     gate = privacy.finalize_privacy(
         ctx, dataset, generator, generator_dir(ctx, generator), [str(r["file"]) for r in rows], plan,
         lambda i: ctx.store.get_bytes(image_key(dataset, i, plan[i])), int(params["seed"]))
@@ -326,58 +442,115 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
     if gate.seeds is not None:  # a replaced image came from another seed than (job seed, i)
         for row, seed in zip(rows, gate.seeds, strict=True):
             row["seed"] = seed
+    return gate
+
+
+def _dataset_base(dataset: Dataset) -> str:
+    """``tenants/t/datasets/id``: the folder above the images, holding the manifest and the card."""
+    return dataset.prefix.rsplit("/", 1)[0]
+
+
+def _put_manifest(ctx: WorkerContext, dataset: Dataset, rows: list[dict[str, Any]]) -> str:
+    """Store ``manifest.csv``; returns its key."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    base = dataset.prefix.rsplit("/", 1)[0]
-    manifest_key = f"{base}/manifest.csv"
+    manifest_key = f"{_dataset_base(dataset)}/manifest.csv"
     ctx.store.put_bytes(manifest_key, buf.getvalue().encode(), "text/csv")
-    counts: dict[str, Any] = {str(k): v for k, v in Counter(r["label"] or "unlabelled" for r in rows).items()}
-    card = {
+    return manifest_key
+
+
+def _dataset_card(ctx: WorkerContext, generator: Generator, params: dict[str, Any], num_images: int,
+                  counts: dict[str, Any], gate: privacy.PrivacyOutcome) -> dict[str, Any]:
+    """The dataset card: generator, generation settings, label counts, privacy gate, intended use, sources."""
+    return {
         "kind": "synthetic chest X-ray dataset",
         "generator": {"id": generator.id, "name": generator.name, "config": generator.config},
         "generation": {k: params.get(k) for k in ("n", "counts", "label", "sampler", "num_inference_steps",
                                                   "guidance_scale", "seed")}
         | {"unet_compiled": ctx.settings.compile_unet},
-        "num_images": len(rows),
+        "num_images": num_images,
         "label_counts": counts,
         "privacy_gate": gate.summary,
         "intended_use": "research and pretraining; not for diagnosis",
         "data_sources": (generator.config or {}).get("data_sources")
         or (generator.config or {}).get("training_data"),
     }
-    ctx.store.put_bytes(f"{base}/card.json", json.dumps(card, indent=2, default=str).encode(), "application/json")
+
+
+def _record_dataset(ctx: WorkerContext, dataset_id: str, num_images: int, counts: dict[str, Any], manifest_key: str,
+                    card: dict[str, Any], gate: privacy.PrivacyOutcome) -> None:
+    """Transaction 2: the dataset row gets its counts, manifest, card and privacy outcome."""
     with ctx.sessions.begin() as s:
-        ds = s.get(Dataset, dataset.id)
+        ds = s.get(Dataset, dataset_id)
         assert ds is not None
-        ds.num_images = len(rows)
+        ds.num_images = num_images
         ds.label_counts = dict(counts)
         ds.manifest_key = manifest_key
         ds.card = card
         ds.gate_status = gate.gate_status
         ds.privacy = gate.summary
+
+
+def _build_zip(ctx: WorkerContext, dataset_id: str, generator: Generator) -> str:
+    """The zip export (with the dataset card: licences from the generator, privacy and generation figures);
+    WebDataset and DICOM are built on request (worker.exports). Returns its key."""
+    from worker.exports import build_dataset_export
+
     with ctx.sessions() as s:
-        ds = s.get(Dataset, dataset.id)
+        ds = s.get(Dataset, dataset_id)
         assert ds is not None
-        # The zip (with the dataset card: licences from the generator, privacy and generation figures);
-        # WebDataset and DICOM are built on request (app.services.releases).
-        total_bytes = build_dataset_export(ctx.store, ds, "zip", generator=generator)
+        return build_dataset_export(ctx.store, ds, "zip", generator=generator)
+
+
+def _image_bytes(ctx: WorkerContext, dataset: Dataset, rows: list[dict[str, Any]]) -> int:
+    """Bytes of the dataset's images (what ``total_bytes`` means for uploads too), from one listing."""
+    files = {f"{dataset.prefix}/{r['file']}" for r in rows}
+    return sum(o.size for o in ctx.store.list(f"{dataset.prefix}/") if o.key in files)
+
+
+def _complete_generation(ctx: WorkerContext, job_id: str, dataset_id: str, num_images: int, counts: dict[str, Any],
+                         total_bytes: int) -> None:
+    """Transaction 3 (job row locked): dataset ready, job succeeded with its result (no-op if the job ended)."""
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id, lock=True)
-        ds = s.get(Dataset, dataset.id)
+        ds = s.get(Dataset, dataset_id)
         if job is None or ds is None or JobStatus(job.status).terminal:
             return
         ds.status = "ready"
-        if isinstance(total_bytes, int):
-            ds.total_bytes = total_bytes
+        ds.total_bytes = total_bytes
         shards = list(s.scalars(select(JobShard).where(JobShard.job_id == job_id)))
         job.compute_seconds = float(sum(sh.compute_seconds for sh in shards))
         job.status = JobStatus.succeeded.value
         job.finished_at = utcnow()
-        job.progress_step = job.progress_total = len(rows)
-        job.progress_message = f"{len(rows)} images"
-        job.result = {"dataset_id": ds.id, "num_images": len(rows), "label_counts": counts,
+        job.progress_step = job.progress_total = num_images
+        job.progress_message = f"{num_images} images"
+        job.result = {"dataset_id": ds.id, "num_images": num_images, "label_counts": counts,
                       "links": {"dataset": f"/v1/datasets/{ds.id}",
                                 "download": f"/v1/datasets/{ds.id}/download?format=zip"}}
-        record_event(s, job.id, f"succeeded: {len(rows)} images")
+        record_event(s, job.id, f"succeeded: {num_images} images")
+
+
+def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
+    """Write manifest and card, build the zip export, mark dataset ready and job succeeded (idempotent)."""
+    loaded = _load_finished_generation(ctx, job_id)
+    if loaded is None:
+        return
+    job, generator, dataset = loaded
+    params = _params(job)
+    plan = _plan(job, generator)
+    try:
+        rows = _manifest_rows(ctx, dataset, generator, params, plan)
+    except _ImageMissing as missing:
+        _fail_generation(ctx, job_id, "image missing", str(missing))
+        return
+    gate = _apply_privacy_gate(ctx, dataset, generator, params, plan, rows)
+    manifest_key = _put_manifest(ctx, dataset, rows)
+    counts: dict[str, Any] = {str(k): v for k, v in Counter(r["label"] or "unlabelled" for r in rows).items()}
+    card = _dataset_card(ctx, generator, params, len(rows), counts, gate)
+    ctx.store.put_bytes(f"{_dataset_base(dataset)}/card.json", json.dumps(card, indent=2, default=str).encode(),
+                        "application/json")
+    _record_dataset(ctx, dataset.id, len(rows), counts, manifest_key, card, gate)
+    _build_zip(ctx, dataset.id, generator)
+    _complete_generation(ctx, job_id, dataset.id, len(rows), counts, _image_bytes(ctx, dataset, rows))

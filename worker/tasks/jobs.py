@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from app.core.queue import (
+    TASK_BUILD_DATASET,
     TASK_BUILD_EXPORT,
     TASK_DELIVER_WEBHOOK,
     TASK_FINALIZE_JOB,
@@ -16,7 +17,7 @@ from app.core.queue import (
 )
 from app.db.orm import JobKind, JobStatus
 from worker.runtime import WorkerContext, load_job, mark_failed
-from worker.tasks import exports, generation, ssl, training, webhooks
+from worker.tasks import evaluation, exports, generation, ssl, training, webhooks
 
 # The job kinds that run as one task, and the function that runs each (generation is sharded: start_job
 # fans it out). The registry of job kinds is app.db.orm.JobKind: every kind must be here or be generation
@@ -24,7 +25,7 @@ from worker.tasks import exports, generation, ssl, training, webhooks
 SINGLE_TASK_RUNNERS: dict[str, Callable[[WorkerContext, str], None]] = {
     JobKind.generator_training.value: training.train_generator_job,
     JobKind.pretraining.value: ssl.pretrain_job,
-    JobKind.evaluation.value: ssl.evaluate_job,
+    JobKind.evaluation.value: evaluation.evaluate_job,
 }
 SINGLE_TASK_KINDS = tuple(SINGLE_TASK_RUNNERS)
 _unrouted = {k.value for k in JobKind} ^ {*SINGLE_TASK_KINDS, JobKind.generation.value}
@@ -106,4 +107,5 @@ def task_registry(ctx: WorkerContext) -> dict[str, Callable[..., None]]:
         TASK_RUN_JOB: lambda job_id: run_job(ctx, job_id),
         TASK_DELIVER_WEBHOOK: lambda job_id: deliver_webhook(ctx, job_id),
         TASK_BUILD_EXPORT: lambda dataset_id, fmt: exports.build_export(ctx, dataset_id, fmt),
+        TASK_BUILD_DATASET: lambda dataset_id: exports.build_dataset(ctx, dataset_id),
     }

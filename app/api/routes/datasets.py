@@ -36,7 +36,7 @@ _UPLOAD_BODY = {
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=_UPLOAD_BODY,
-             responses=problem_responses(401, 413, 415, 422))
+             responses=problem_responses(401, 413, 415, 422, 503))
 async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
                          settings: SettingsDep) -> DatasetOut:
     """Upload real images: a zip of an ImageFolder and/or single PNG/JPEG files (+ ``label``).
@@ -45,6 +45,10 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
     bytes, checked against ``max_image_pixels`` and converted to an 8-bit grey PNG; zips are checked for
     bombs (total size, compression ratio, member count) and unsafe names. Anything rejected leaves no
     trace. Labels are folder names lower-cased.
+
+    Answers as soon as the images are stored, with the dataset ``pending``: a worker builds its zip export
+    and marks it ``ready`` (``failed`` if that fails); poll ``GET /v1/datasets/{id}``. 503 when the job
+    queue is unreachable (nothing is kept).
     """
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.max_upload_bytes:
@@ -57,11 +61,12 @@ async def upload_dataset(request: Request, tenant: TenantDep, session: SessionDe
     return svc.dataset_out(ds)
 
 
-@router.post("/register", status_code=201, response_model=DatasetOut, responses=problem_responses(401, 422))
+@router.post("/register", status_code=201, response_model=DatasetOut, responses=problem_responses(401, 422, 503))
 def register_dataset(body: RegisterDatasetRequest, tenant: TenantDep, session: SessionDep, store: StoreDep,
                      settings: SettingsDep) -> DatasetOut:
     """Register images already under ``tenants/{your tenant}/...`` in object storage (``PREFIX/LABEL/NAME``).
-    Each object is sniffed and hashed into a manifest; nothing is copied."""
+    Each object is sniffed and hashed into a manifest; nothing is copied. The dataset is ``pending`` until a
+    worker built its zip export, then ``ready``."""
     return svc.dataset_out(svc.register_dataset(session, store, settings, tenant.id, body.name, body.prefix))
 
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from app.api.responses import CREATE_PROBLEMS, job_accepted
 from app.schemas.jobs import EvaluationRequest, JobOut
-from app.services.ssl_jobs import create_evaluation
+from app.services.evaluations import create_evaluation
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
