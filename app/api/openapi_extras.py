@@ -1,10 +1,10 @@
 """Post-processing of the generated OpenAPI schema: ``links`` between operations, and the ``400`` of bodies.
 
-**Links**: what a client can call next with the ids a response carries. They document the workflows (create a job -> read / follow / cancel it; upload a dataset -> read, page,
-download, delete it) and let stateful API testers (schemathesis) chain real calls. FastAPI has no
-per-route way to declare them that survives refactors, so :func:`install_openapi_links` post-processes the
-generated schema: each link names its target by method and path, and is resolved to the target's
-``operationId`` here (a route that is renamed or removed fails loudly at schema generation).
+**Links**: what a client can call next with the ids a response carries. They document the workflows
+(create a job -> read / follow / cancel it; upload a dataset -> read, page, download, delete it) and let
+stateful API testers (schemathesis, ``tests/integration/test_fuzz_api.py``) chain real calls. Each link names
+its target by method and path and is resolved to the target's ``operationId`` here, so a route that is
+renamed or removed fails loudly at schema generation instead of leaving a dangling link.
 
 **400**: every operation that reads a request body answers ``400 bad-request`` (problem+json) when the body
 cannot be parsed at all (not JSON, not UTF-8, a broken multipart stream); FastAPI raises that before any

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -182,6 +183,17 @@ async def _validation_error_handler(request: Request, exc: Exception) -> Respons
     return problem_response(request, 422, "validation-error", "Validation error", detail, errors=errors)
 
 
+async def _data_error_handler(request: Request, exc: Exception) -> Response:
+    """The database refused a value that passed validation (a NUL character in text, a number out of range):
+    the client's input, so 422, not 500."""
+    nul = "NUL" in str(exc)
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                type(getattr(exc, "orig", exc)).__name__)
+    detail = ("text values may not contain NUL (\\u0000) characters" if nul
+              else "a value of the request cannot be stored (out of range or malformed)")
+    return problem_response(request, 422, "invalid-input", "Invalid input", detail)
+
+
 async def _unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "internal-error", "Internal server error",
@@ -193,6 +205,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _problem_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(DataError, _data_error_handler)
     app.add_exception_handler(Exception, _unhandled_error_handler)
 
 

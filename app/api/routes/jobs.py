@@ -52,7 +52,13 @@ _EVENTS_RESPONSES = {
         "description": "`text/event-stream` (default): one `progress` event per job event with `id:` = the "
                        "event id, then one `end` event carrying the job once it is terminal. "
                        "`?format=json`: the events so far as a JSON list.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}},
+        # One schema per event (``itemSchema``, OpenAPI 3.2's way for event streams, as FastAPI writes it).
+        "content": {"text/event-stream": {"itemSchema": {
+                        "type": "object",
+                        "properties": {"event": {"type": "string", "enum": ["progress", "end"]},
+                                       "data": {"type": "string", "description": "JSON: a JobEventOut "
+                                                "(progress) or the JobOut (end)"},
+                                       "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}}}},
                     "application/json": {"schema": {"type": "array",
                                                     "items": {"$ref": "#/components/schemas/JobEventOut"}}}},
     },
