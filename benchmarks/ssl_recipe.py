@@ -162,6 +162,8 @@ def write_tables(rows: list[dict[str, Any]], scratch: dict[int, dict[str, Any]],
         lines.append(f"| {r['candidate']} | {r['steps']} x {r['batch_size']} | {r['pretrain_cpu_s']:.0f} | "
                      f"{r['pretrain_wall_s']:.0f} | {_ci(p['0.1'])} | {_ci(p['1'])} | "
                      f"{r['gain_per_cpu_hour']['0.1']:+.3f} | {r['gain_per_cpu_hour']['1']:+.3f} |")
+    lines += ["", "CPU s: process CPU time of pretraining, all threads (the budget the gain is divided by); wall s "
+              "depends on the other load of the machine. Results, command, commit and machine: `ssl_recipe.json`."]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -93,8 +93,11 @@ class TorchvisionViews(Dataset[list[torch.Tensor]]):
         return [t(self.images[i]) for t in self.transforms]
 
 
-def _dino_view_configs(cfg: PretrainConfig) -> list[AugmentConfig]:
-    """The view configs of :func:`models.ssl.augment.dino_views` for ``cfg`` (2 global + n local)."""
+def _view_configs(cfg: PretrainConfig) -> list[AugmentConfig]:
+    """The view configs of :func:`models.ssl.augment.dino_views` (2 global + n local) or
+    :func:`models.ssl.augment.simclr_views` (2 alike) for ``cfg``."""
+    if cfg.method == "simclr":
+        return [AugmentConfig(size=cfg.resolution, crop_scale=cfg.global_crop_scale, blur_p=0.5)] * 2
     g1 = AugmentConfig(size=cfg.resolution, crop_scale=cfg.global_crop_scale, blur_p=1.0)
     g2 = AugmentConfig(size=cfg.resolution, crop_scale=cfg.global_crop_scale, blur_p=0.1, solarize_p=0.2)
     loc = AugmentConfig(size=cfg.local_size, crop_scale=cfg.local_crop_scale, blur_p=0.5)
@@ -141,7 +144,7 @@ def _kornia_batches(images: np.ndarray, cfg: PretrainConfig, seed: int) -> Itera
 
 def build_rows(images: np.ndarray, cfg: PretrainConfig, workers: int) -> list[Row]:
     """The three rows of the table (see the module docstring)."""
-    tv = DataLoader(TorchvisionViews(images, _dino_view_configs(cfg)), batch_size=cfg.batch_size, shuffle=True,
+    tv = DataLoader(TorchvisionViews(images, _view_configs(cfg)), batch_size=cfg.batch_size, shuffle=True,
                     num_workers=workers, persistent_workers=workers > 0, drop_last=True,
                     generator=torch.Generator().manual_seed(cfg.seed))
     bf16 = training_precision(cfg.replace(precision="auto"), torch.device("cpu"))

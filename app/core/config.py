@@ -71,8 +71,8 @@ class Settings(BaseSettings):
                                "1.15-1.4x faster sampling after a one-off compile per process (~90 s on a "
                                "2-core CPU); rare pixels may differ by one grey level from eager sampling.")
     generation_cpu_bf16: bool = Field(default=False, description="bf16 autocast for sampling on CPUs with "
-                                      "native bf16 (AVX512-BF16/AMX): 1.2-1.4x faster at 224 px on a 2-core EPYC, "
-                                      "pixels within 0.34 grey levels on average of fp32, identical run to run; "
+                                      "native bf16 (AVX512-BF16/AMX): 1.27x faster at 224 px on a 2-core EPYC, "
+                                      "pixels within 0.38 grey levels on average of fp32, identical run to run; "
                                       "off by default because the quality figures were measured in fp32.")
     default_generator_dir: Path = Field(default=WEIGHTS_DIR / "generator-kermany-224",
                                         description="Built-in generator used when a request names none; the "

@@ -157,8 +157,8 @@ class CXRDiffusionPipeline:
     ) -> None:
         self.device = torch.device(device)
         # None: bf16 autocast on CUDA, exact fp32 on CPU (how every quality figure was measured).
-        # "auto" adds bf16 on CPUs with native bf16: 1.2-1.4x faster sampling at 224 px, pixels within
-        # 0.34 grey levels on average of fp32 and identical run to run (see Settings.generation_cpu_bf16).
+        # "auto" adds bf16 on CPUs with native bf16: 1.27x faster sampling at 224 px, pixels within 0.38
+        # grey levels on average of fp32 and identical run to run (benchmarks/sampling_precision.py).
         self.precision: Precision | None = precision
         if precision is not None:
             resolve_precision(precision, self.device)  # an impossible choice fails at load time
