@@ -53,7 +53,9 @@ def resolve_generator(session: Session, settings: Settings, tenant_id: str, gene
     return gen
 
 
-def plan_generation(session: Session, settings: Settings, tenant_id: str, req: GenerationRequest) -> GenerationParams:
+def plan_generation_params(
+    session: Session, settings: Settings, tenant_id: str, req: GenerationRequest
+) -> GenerationParams:
     """Check a generation request (generator, labels, n within ``max_images_per_job``) and resolve it."""
     gen = resolve_generator(session, settings, tenant_id, req.generator_id)
     labels = generator_labels(gen.config or {})
@@ -107,7 +109,7 @@ def create_generation(
 
     ``enqueue=False`` only records it (the embedded CLI runs the worker's task code inline)."""
     return submit_job(session, settings, tenant_id, JobKind.generation, req,
-                      lambda: plan_generation(session, settings, tenant_id, req),
+                      lambda: plan_generation_params(session, settings, tenant_id, req),
                       idempotency_key=idempotency_key, webhook_url=req.webhook_url, enqueue=enqueue)
 
 
