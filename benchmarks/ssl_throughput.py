@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS_DIR, write_result
 from models.data.folders import images_to_array, list_image_folder
 from models.device import autocast_for
-from models.ssl.augment import AugmentConfig, _blur_params, normalize
+from models.ssl.augment import AugmentConfig, blur_params, normalize
 from models.ssl.config import PretrainConfig
 from models.ssl.training import build_ssl_model, training_precision
 
@@ -63,7 +63,7 @@ def torchvision_view(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tenso
     """torchvision v2 per-image transforms drawing from the same distributions as our kornia view."""
     from torchvision.transforms import v2
 
-    kernel, sigma = _blur_params(cfg)
+    kernel, sigma = blur_params(cfg)
     b, c = cfg.brightness, cfg.contrast
     ops: list[Any] = [
         v2.RandomResizedCrop(cfg.size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),

@@ -154,12 +154,16 @@ def end_model_job(ctx: WorkerContext, job_id: str, model: type[ModelRow], model_
         row = s.get(model, model_id)
         if row is not None:
             row.status = "canceled" if failure is None else "failed"
-        if job is None:
-            return
-        if failure is None:
-            mark_canceled(s, job)
-        else:
-            mark_failed(s, job, *failure)
+        if job is not None:
+            cancel_or_fail(s, job, failure)
+
+
+def cancel_or_fail(s: Session, job: Job, failure: tuple[str, str] | None) -> None:
+    """In the caller's transaction: the job is canceled (``failure=None``) or fails with (title, detail)."""
+    if failure is None:
+        mark_canceled(s, job)
+    else:
+        mark_failed(s, job, *failure)
 
 
 def complete_model_job(ctx: WorkerContext, job_id: str, model: type[ModelRow], model_id: str, *, kind: str,

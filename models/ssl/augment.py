@@ -63,7 +63,7 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1]")
 
 
-def _blur_params(cfg: AugmentConfig) -> tuple[int, tuple[float, float]]:
+def blur_params(cfg: AugmentConfig) -> tuple[int, tuple[float, float]]:
     """Blur sigma scaled from DINO's 224 px range to this crop size, and an odd kernel covering 3 sigma."""
     scale = cfg.size / 224
     lo = max(0.1, cfg.blur_sigma_at_224[0] * scale)
@@ -74,7 +74,7 @@ def _blur_params(cfg: AugmentConfig) -> tuple[int, tuple[float, float]]:
 
 def xray_augmentation(cfg: AugmentConfig) -> K.AugmentationSequential:
     """The kornia pipeline of one view (float ``[0, 1]`` in, float ``[0, 1]`` at ``cfg.size`` out)."""
-    kernel, sigma = _blur_params(cfg)
+    kernel, sigma = blur_params(cfg)
     b, c = cfg.brightness, cfg.contrast
     ops: list[Any] = [
         # Framing / collimation / patient size vary: crop and rescale to the view size.

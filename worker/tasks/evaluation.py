@@ -21,10 +21,10 @@ from models.callbacks import Canceled
 from worker.runtime import (
     WorkerContext,
     begin_job,
+    cancel_or_fail,
     download_prefix,
     load_job,
     make_progress_callback,
-    mark_canceled,
     mark_failed,
     mark_running,
     public_error,
@@ -120,12 +120,8 @@ def _end_evaluation(ctx: WorkerContext, job_id: str, failure: tuple[str, str] | 
     """Transaction: the job is canceled, or fails with ``failure`` = (title, detail)."""
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
-        if job is None:
-            return
-        if failure is None:
-            mark_canceled(s, job)
-        else:
-            mark_failed(s, job, *failure)
+        if job is not None:
+            cancel_or_fail(s, job, failure)
 
 
 def _complete_evaluation(ctx: WorkerContext, job_id: str, claim: _EvaluationClaim, report: dict[str, Any]) -> None:
