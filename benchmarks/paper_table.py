@@ -365,7 +365,12 @@ def prepare_data(profile: Profile, data_dir: Path, run_dir: Path) -> dict[str, A
                        "test_patient_fraction": profile.test_patient_fraction, "seed": seed,
                        "kermany_train_side": len(train_side), "kermany_test_side": len(test_side),
                        "test_patients": len(test_patients), "lung_seg_train_side": len(seg_train_side),
-                       "lung_seg_test_side": len(seg_test_side)},
+                       "lung_seg_test_side": len(seg_test_side),
+                       # Which patients and lung images are held out, so --merge can refuse another split (the
+                       # same seed gave another lung-seg test side with another scikit-learn).
+                       "fingerprint": hashlib.sha256("\n".join([*sorted(test_patients), "--",
+                                                                 *(p.name for p in seg_test_side)]).encode()
+                                                     ).hexdigest()[:16]},
         "cls_train": {"images": len(cls_train), "counts": counts([r.label or "" for r in cls_train])},
         "cls_test": {"images": len(cls_test), "counts": counts([r.label or "" for r in cls_test])},
         "ssl_real": {"images": len(ssl_real), "counts": counts([r.label or "" for r in ssl_real])},
@@ -1741,6 +1746,7 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
         if fp != s.profile.fingerprint():
             raise SystemExit(f"--merge {path}: profile fingerprint {fp!r} is not this run's "
                              f"{s.profile.fingerprint()!r} ({s.profile.name}); its cells would mix settings")
+        _check_same_split(path, doc, prepare_data(s.profile, s.data_dir, s.run_dir)["test_split"])
         added = [k for k in doc.get("cells", {}) if k not in s.cells]
         for key in added:
             s.cells.put(key, doc["cells"][key])
@@ -1750,6 +1756,20 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
                         "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
                         "cells_added": len(added)})
     return pre, sources
+
+
+def _check_same_split(path: str, doc: dict[str, Any], split: dict[str, Any]) -> None:
+    """``SystemExit`` unless ``doc`` was computed on this held-out split: the same fingerprint where it records
+    one, else the same sizes (documents from before the fingerprint)."""
+    theirs = doc.get("data", {}).get("test_split", {})
+    if "fingerprint" in theirs:
+        same = theirs["fingerprint"] == split["fingerprint"]
+    else:
+        same = {k: v for k, v in theirs.items() if k != "fingerprint"} == \
+            {k: v for k, v in split.items() if k != "fingerprint"}
+    if not same:
+        raise SystemExit(f"--merge {path}: its held-out split differs from this run's ({theirs} vs {split}); "
+                         "its cells were scored on other test images (recompute them here)")
 
 
 def _union(first: Sequence[Any], second: Sequence[Any]) -> list[Any]:

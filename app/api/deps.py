@@ -6,10 +6,11 @@ its settings, store and metrics on ``app.state``, so several apps (tests) can li
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,9 @@ from app.services.tenants import authenticate
 from app.storage.base import ObjectStore
 
 
-def get_app_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in its thread
+# pool, and each such hop costs a thread handoff per request (benchmarks/api_load.py, docs/results/api_load.md).
+async def get_app_settings(request: Request) -> Settings:
     """The settings of the app serving this request."""
     return request.app.state.settings  # type: ignore[no-any-return]
 
@@ -29,19 +32,23 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One session per request; service functions commit, the session is closed afterwards."""
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """One session per request; service functions commit, the session is closed afterwards.
+
+    Making a ``Session`` touches no database (it connects on its first query, in the route's thread), so it
+    is made on the event loop; closing it may give a connection back to the pool (a rollback on the wire),
+    so that runs in the thread pool, one hop instead of a sync generator's two."""
     session = get_sessionmaker(settings.database_url)()
     try:
         yield session
     finally:
-        session.close()
+        await run_in_threadpool(session.close)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     """The app's object store (S3 or local folder)."""
     return request.app.state.store  # type: ignore[no-any-return]
 
@@ -54,6 +61,7 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-
 
 def current_tenant(
     session: SessionDep,
+    settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
 ) -> Tenant:
@@ -62,7 +70,7 @@ def current_tenant(
     key = bearer.credentials if bearer is not None else api_key
     if not key:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer cxr_...' or 'X-API-Key'")
-    tenant = authenticate(session, key.strip())
+    tenant = authenticate(session, key.strip(), settings.auth_cache_ttl_s)
     if tenant is None:
         raise Unauthorized("the API key is invalid or revoked")
     return tenant

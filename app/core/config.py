@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     signing_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key for signed URLs.")
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     admin_token: SecretStr = Field(default=SecretStr(""), description="Enables admin endpoints when set.")
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0, le=300, description="Seconds an API process reuses a "
+                                    "valid API key's lookup (0: look up every request). A key revoked by another "
+                                    "process (the CLI) stops working within this time; in the revoking one at once.")
     console_session_ttl_s: int = Field(default=8 * 3600, ge=60, le=7 * 24 * 3600,
                                        description="Web console login lifetime (signed cookie).")
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.problems import Conflict, NotFound, ServiceUnavailable, TooManyJobs
 from app.core.queue import TASK_DELIVER_WEBHOOK, TASK_START_JOB, send_task
-from app.db.orm import ACTIVE_STATUSES, Job, JobEvent, JobKind, JobStatus, Tenant, utcnow
+from app.db.orm import ACTIVE_STATUSES, Job, JobEvent, JobKind, JobStatus, Tenant, new_id, utcnow
 from app.db.session import get_sessionmaker
 from app.schemas.jobs import JobEventOut, JobOut, JobProgress
 from app.services.pagination import as_utc, check_limit, paginate_newest_first
@@ -148,9 +148,10 @@ def submit_job(
     params = plan().model_dump(mode="json")
 
     _check_in_flight(session, settings, tenant_id)
-    job = Job(tenant_id=tenant_id, kind=kind.value, status=JobStatus.queued.value, params=params,
+    job = Job(id=new_id(), tenant_id=tenant_id, kind=kind.value, status=JobStatus.queued.value, params=params,
               idempotency_key=idempotency_key, request_hash=req_hash, webhook_url=webhook_url)
-    session.add(job)
+    # The id is set here so the job and its first event go to the database in one flush.
+    session.add_all([job, JobEvent(job_id=job.id, message=f"{kind.value} job queued")])
     try:
         session.flush()
     except IntegrityError:
@@ -162,7 +163,6 @@ def submit_job(
         if existing is None:
             raise
         return existing, False
-    session.add(JobEvent(job_id=job.id, message=f"{kind.value} job queued"))
     session.commit()
     if enqueue:
         enqueue_job(session, settings, job)

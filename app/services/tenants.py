@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import secrets
+import threading
 
+from cachetools import TTLCache
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from app.core.problems import Conflict, InvalidInput, NotFound
 from app.core.security import API_KEY_PREFIX, hash_api_key, key_lookup_prefix, new_api_key
@@ -81,6 +83,7 @@ def revoke_api_key(session: Session, key_id_or_prefix: str, tenant_id: str | Non
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.commit()
+    _KEYS.drop(key.key_hash)
     return key
 
 
@@ -95,15 +98,66 @@ def list_api_keys(session: Session, tenant_id: str) -> list[ApiKey]:
                                 .order_by(ApiKey.created_at, ApiKey.id)))
 
 
-def authenticate(session: Session, api_key: str) -> Tenant | None:
-    """The tenant of a valid, unrevoked key, else None (lookup by the key's SHA-256)."""
+class _KeyCache:
+    """Valid keys seen in the last ``ttl`` seconds: key hash -> the tenant as loaded then (detached).
+
+    Each request otherwise spends a database round trip on the key; with this, a busy client's requests
+    reuse the lookup (benchmarks/api_load.py). Only valid keys are kept, so unknown keys cannot fill it;
+    at most ``MAX`` entries. One per process; ``revoke_api_key`` drops the key here at once, other
+    processes see a revocation within ``ttl`` (``Settings.auth_cache_ttl_s``)."""
+
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # TTLCache is not thread-safe; FastAPI runs sync dependencies in threads
+        self._caches: dict[float, TTLCache[str, Tenant]] = {}
+
+    def _cache(self, ttl: float) -> TTLCache[str, Tenant]:
+        cache = self._caches.get(ttl)
+        if cache is None:
+            cache = self._caches[ttl] = TTLCache(maxsize=self.MAX, ttl=ttl)
+        return cache
+
+    def get(self, key_hash: str, ttl: float) -> Tenant | None:
+        with self._lock:
+            return self._cache(ttl).get(key_hash)
+
+    def put(self, key_hash: str, tenant: Tenant, ttl: float) -> None:
+        with self._lock:
+            self._cache(ttl)[key_hash] = tenant
+
+    def drop(self, key_hash: str) -> None:
+        with self._lock:
+            for cache in self._caches.values():
+                cache.pop(key_hash, None)
+
+
+_KEYS = _KeyCache()
+
+
+def authenticate(session: Session, api_key: str, cache_ttl_s: float = 0.0) -> Tenant | None:
+    """The tenant of a valid, unrevoked key, else None (lookup by the key's SHA-256).
+
+    With ``cache_ttl_s`` > 0 a key found valid in the last ``cache_ttl_s`` seconds is not looked up again:
+    its tenant is attached to ``session`` without a query (``merge(load=False)``)."""
     if not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 200:
         return None
+    key_hash = hash_api_key(api_key)
+    if cache_ttl_s > 0:
+        cached = _KEYS.get(key_hash, cache_ttl_s)
+        if cached is not None:
+            return session.merge(cached, load=False)
     row = session.execute(
         select(Tenant, ApiKey.revoked_at)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == hash_api_key(api_key))
+        .where(ApiKey.key_hash == key_hash)
     ).first()
     if row is None or row[1] is not None:
         return None
-    return row[0]
+    tenant: Tenant = row[0]
+    if cache_ttl_s > 0:
+        snapshot = Tenant(id=tenant.id, name=tenant.name, webhook_secret=tenant.webhook_secret,
+                          created_at=tenant.created_at)  # a copy, never part of a live session
+        make_transient_to_detached(snapshot)  # what merge(load=False) takes: a row known to exist
+        _KEYS.put(key_hash, snapshot, cache_ttl_s)
+    return tenant

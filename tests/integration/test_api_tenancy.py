@@ -137,3 +137,47 @@ def test_owner_reaches_everything(client: TestClient, owned: dict[str, Any]) -> 
     got = httpx.get(link["url"], timeout=10)
     with zipfile.ZipFile(io.BytesIO(got.content)) as zf:
         assert sorted(zf.namelist()) == ["cxrsynth.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_key_cache_revocation_is_immediate_here_and_bounded_elsewhere(
+        api_settings: Settings, settings_with: Callable[..., Settings], tenant: TenantAuth) -> None:
+    """A valid key's lookup is reused for ``auth_cache_ttl_s`` seconds. A key revoked through the service in
+    this process stops working at once; one revoked behind the process's back (another process, e.g. the CLI:
+    here a direct UPDATE) keeps working until the entry expires and not after; an unknown key is never kept."""
+    import time
+
+    from sqlalchemy import update
+
+    from app.db.orm import ApiKey
+    from app.main import create_app
+
+    ttl = 1.0
+    settings = settings_with(auth_cache_ttl_s=ttl)
+    sessions = get_sessionmaker(api_settings.database_url)
+    with sessions() as s:
+        here, here_key = create_api_key(s, tenant.id, "revoked here")
+        there, there_key = create_api_key(s, tenant.id, "revoked elsewhere")
+    with TestClient(create_app(settings)) as c:
+        def status(key: str) -> int:
+            return c.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert status(here_key) == 200 and status(there_key) == 200  # both cached now
+        with sessions() as s:
+            revoke_api_key(s, here.id, tenant_id=tenant.id)
+            s.execute(update(ApiKey).where(ApiKey.id == there.id).values(revoked_at=ApiKey.created_at))
+            s.commit()
+        revoked_at = time.monotonic()
+        assert status(here_key) == 401
+        if time.monotonic() - revoked_at < ttl * 0.8:
+            assert status(there_key) == 200  # still inside the cache's lifetime
+        time.sleep(ttl + 0.2)
+        assert status(there_key) == 401
+        assert status(tenant.key) == 200  # the tenant's other key is untouched
+    with TestClient(create_app(settings_with(auth_cache_ttl_s=0))) as c:
+        with sessions() as s:
+            fresh, fresh_key = create_api_key(s, tenant.id, "no cache")
+        assert c.get("/v1/jobs", headers={"Authorization": f"Bearer {fresh_key}"}).status_code == 200
+        with sessions() as s:
+            s.execute(update(ApiKey).where(ApiKey.id == fresh.id).values(revoked_at=ApiKey.created_at))
+            s.commit()
+        assert c.get("/v1/jobs", headers={"Authorization": f"Bearer {fresh_key}"}).status_code == 401
