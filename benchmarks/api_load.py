@@ -288,6 +288,25 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if args.profile else None}
 
 
+def compare_table(paths: list[Path]) -> str:
+    """A markdown table of several runs' JSON (e.g. before and after a change), one row per run and operation."""
+    lines = ["| run | app commit | server | operation | req/s | p50 ms | p99 ms | errors | API CPU ms/req | "
+             "bare req/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        doc = json.loads(path.read_text())
+        res = doc["results"]
+        server = (f"{doc.get('uvicorn_workers', 1)} worker(s), {doc.get('uvicorn_http', 'auto')}/"
+                  f"{doc.get('uvicorn_loop', 'auto')}")
+        name, app_commit = doc.get("label") or path.stem, doc.get("app_commit", doc.get("commit"))
+        for op, bare in (("submit", "bare_submit"), ("read", "bare_read")):
+            r, b = res[op], res[bare]
+            cpu = r.get("cpu_ms_per_request", {}).get("app.main:create_app")
+            lines.append(f"| {name} | {app_commit} | {server} | {op} | "
+                         f"{r['per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r.get('errors_total', 0)} | "
+                         f"{'' if cpu is None else f'{cpu:.2f}'} | {b['per_s']:.0f} | {r['per_s'] / b['per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _commit_of(root: Path) -> str:
     return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip() + ("" if root == REPO_ROOT else f" ({root})")
@@ -311,7 +330,12 @@ def main() -> None:
                         help="py-spy the API during the submit and read phases (folder; default docs/results/profiles)")
     parser.add_argument("--label", default="", help="a word on what this run measures (e.g. before, after)")
     parser.add_argument("--json", type=Path, default=None, help="output (default docs/results/api_load.json)")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RESULT_JSON",
+                        help="measure nothing: print the markdown table of these runs' JSON")
     args = parser.parse_args()
+    if args.compare:
+        print(compare_table(args.compare), end="")
+        return
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     res = measure(args)
