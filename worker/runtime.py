@@ -7,21 +7,33 @@ redelivered task (worker killed, broker redelivery) converges to the same state.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import urllib3
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.db.orm import Encoder, Generator, Job, JobEvent, JobShard, JobStatus, utcnow
-from app.db.session import get_sessionmaker
+from app.db.session import get_engine, get_sessionmaker, retry_connects
 from app.storage import ObjectStore, build_store
 from models.callbacks import Canceled, OnStep
 from worker.dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+# How long a worker waits for Postgres (each new connection) and S3 (each request) to come back after a
+# restart or an outage before the step fails; the broker's budget is worker.dispatch.WORKER_PUBLISH_RETRY.
+SERVICE_OUTAGE_S = 120.0
+# Pauses before running again an idempotent step that a lost connection broke mid-way (retry_transient).
+TRANSIENT_PAUSES_S = (2.0, 5.0, 10.0)
 
 
 @dataclass
@@ -34,8 +46,36 @@ class WorkerContext:
     sessions: sessionmaker[Session] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.store = build_store(self.settings)
+        self.store = build_store(self.settings, retry_for_s=SERVICE_OUTAGE_S)
         self.sessions = get_sessionmaker(self.settings.database_url)
+        retry_connects(get_engine(self.settings.database_url), SERVICE_OUTAGE_S)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost or refused connection to Postgres, S3 or the broker (a restart, an outage)
+    rather than a fault of the job itself."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, urllib3.exceptions.HTTPError | BrokerError | ConnectionError)
+
+
+T = TypeVar("T")
+
+
+def retry_transient(step: Callable[[], T], what: str, pauses_s: Sequence[float] = TRANSIENT_PAUSES_S) -> T:
+    """Run an idempotent ``step``; when a connection broke under it (:func:`is_transient`; e.g. Postgres
+    ended the session mid-transaction while restarting), pause and run it again, once per pause, then let the
+    error through. The connect and request retries (``SERVICE_OUTAGE_S``) cover an outage; this covers what
+    was in flight when it began."""
+    for pause in (*pauses_s, None):
+        try:
+            return step()
+        except Exception as exc:
+            if pause is None or not is_transient(exc):
+                raise
+            log.warning("%s: %s: %s; running it again in %.0f s", what, type(exc).__name__, str(exc)[:300], pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def record_event(session: Session, job_id: str, message: str, level: str = "info",

@@ -82,6 +82,11 @@ def producer_for(settings: Settings) -> Celery:
     return app
 
 
-def send_task(settings: Settings, name: str, *args: Any) -> None:
-    """Enqueue task ``name`` with positional JSON arguments on its queue."""
-    producer_for(settings).send_task(name, args=list(args), queue=TASK_QUEUES.get(name, CPU_QUEUE))
+def send_task(settings: Settings, name: str, *args: Any, retry_policy: dict[str, Any] | None = None) -> None:
+    """Enqueue task ``name`` with positional JSON arguments on its queue.
+
+    ``retry_policy`` (kombu's ``max_retries``, ``interval_start``, ``interval_step``, ``interval_max``)
+    replaces Celery's short default (3 tries in under a second) for how long a publish waits for the broker.
+    """
+    extra: dict[str, Any] = {} if retry_policy is None else {"retry": True, "retry_policy": retry_policy}
+    producer_for(settings).send_task(name, args=list(args), queue=TASK_QUEUES.get(name, CPU_QUEUE), **extra)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +36,38 @@ def get_engine(database_url: str) -> Engine:
 
         return engine
     return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+log = logging.getLogger("cxrsynth.db")
+_RETRYING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def retry_connects(engine: Engine, budget_s: float) -> None:
+    """Make new connections of ``engine`` wait out a database restart or outage of up to ``budget_s``.
+
+    A failed connect is tried again with bounded exponential backoff (0.5 s doubling to 5 s) until
+    ``budget_s`` has passed, then the error goes through. With ``pool_pre_ping`` a pooled connection
+    that a restart ended is replaced through this path, so the worker's next transaction waits for the
+    database instead of failing the job it serves. The API keeps failing fast (a 5xx the client retries).
+    SQLite is left alone; calling it again for an engine does nothing.
+    """
+    if engine.dialect.name == "sqlite" or engine in _RETRYING:
+        return
+    _RETRYING.add(engine)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_with_retries(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline = time.monotonic() + budget_s
+        pause = 0.5
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("database unreachable (%s); connecting again in %.1f s", str(exc).strip()[:200], pause)
+                time.sleep(pause)
+                pause = min(5.0, pause * 2)
 
 
 @lru_cache(maxsize=8)

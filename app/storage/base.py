@@ -74,12 +74,13 @@ class ObjectStore(Protocol):
         ...
 
 
-def build_store(settings: Settings) -> ObjectStore:
-    """The backend the settings select."""
+def build_store(settings: Settings, retry_for_s: float = 0.0) -> ObjectStore:
+    """The backend the settings select; ``retry_for_s``: how long S3 calls retry an unreachable server
+    (workers wait out an outage; 0, the API's choice, keeps the client's short default)."""
     if settings.storage_backend == "s3":
         from app.storage.s3 import S3Store
 
-        return S3Store.from_settings(settings)
+        return S3Store.from_settings(settings, retry_for_s)
     from app.storage.local import LocalStore
 
     assert settings.storage_dir is not None

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import quote
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
+from urllib3.util import Retry, Timeout
 
 from app.storage.base import ObjectInfo, ObjectNotFound
 
@@ -18,6 +22,32 @@ if TYPE_CHECKING:
     from app.core.config import Settings
 
 PART_SIZE = 16 * 1024 * 1024
+RETRY_BACKOFF_S = 0.5  # urllib3: the n-th retry waits RETRY_BACKOFF_S * 2**(n-1) s (the first one none)...
+RETRY_BACKOFF_MAX_S = 8.0  # ...at most this long
+
+
+def retry_count_for(budget_s: float) -> int:
+    """How many urllib3 retries, with the backoff above, add up to at least ``budget_s`` of waiting."""
+    waited, n = 0.0, 0
+    while waited < budget_s:
+        n += 1
+        waited += 0.0 if n <= 1 else min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** (n - 1))
+    return n
+
+
+def patient_http_client(retry_for_s: float, secure: bool) -> urllib3.PoolManager:
+    """minio's default HTTP client (5 min timeouts, 10 connections, the same CA bundle) whose retries of a
+    refused connection, a broken one (idempotent requests) or a 5xx answer span about ``retry_for_s``
+    seconds instead of minio's ~6 s, so a worker rides out an S3 restart or outage."""
+    timeout = 5 * 60
+    total = retry_count_for(retry_for_s)
+    return urllib3.PoolManager(
+        timeout=Timeout(connect=timeout, read=timeout), maxsize=10,
+        cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=Retry(total=total, backoff_factor=RETRY_BACKOFF_S, backoff_max=RETRY_BACKOFF_MAX_S,
+                      status_forcelist=[500, 502, 503, 504]),
+    )
 
 
 class S3Store:
@@ -29,13 +59,17 @@ class S3Store:
         self._presign = presign_client or client
 
     @classmethod
-    def from_settings(cls, s: Settings) -> S3Store:
-        def make(endpoint: str) -> Minio:
+    def from_settings(cls, s: Settings, retry_for_s: float = 0.0) -> S3Store:
+        """The store of the settings; ``retry_for_s > 0`` (workers) retries unreachable storage for about
+        that long (:func:`patient_http_client`), 0 keeps minio's short retries (the API answers fast)."""
+        http = patient_http_client(retry_for_s, s.s3_secure) if retry_for_s > 0 else None
+
+        def make(endpoint: str, http_client: urllib3.PoolManager | None = None) -> Minio:
             # An explicit region avoids a bucket-location round trip (and lets presigning work offline).
             return Minio(endpoint, access_key=s.s3_access_key, secret_key=s.s3_secret_key.get_secret_value(),
-                         secure=s.s3_secure, region=s.s3_region)
+                         secure=s.s3_secure, region=s.s3_region, http_client=http_client)
 
-        client = make(s.s3_endpoint)
+        client = make(s.s3_endpoint, http)
         presign = make(s.s3_public_endpoint) if s.s3_public_endpoint else None
         return cls(client, s.s3_bucket, presign)
 

@@ -13,11 +13,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,14 @@ from app.storage.base import ObjectNotFound, tenant_key
 from models.callbacks import Canceled, OnStep
 from worker.runtime import (
     WorkerContext,
+    is_transient,
     load_job,
     make_progress_callback,
     mark_canceled,
     mark_failed,
     mark_running,
     record_event,
+    retry_transient,
 )
 from worker.tasks import privacy
 
@@ -330,7 +334,7 @@ def _cancel_shard(ctx: WorkerContext, job_id: str, shard_index: int, dataset_id:
     _delete_partial(ctx, dataset_id)
 
 
-def _fail_generation(ctx: WorkerContext, job_id: str, title: str, detail: str) -> None:
+def fail_generation(ctx: WorkerContext, job_id: str, title: str, detail: str) -> None:
     """Transaction: the job fails with a problem-shaped error (no-op when it already ended)."""
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
@@ -353,6 +357,13 @@ def _complete_shard(ctx: WorkerContext, work: _ShardWork, elapsed: float) -> boo
     return unfinished is None
 
 
+def _generate_shard(ctx: WorkerContext, claimed: tuple[Job, JobShard, Generator, Dataset]) -> _ShardWork:
+    """List what the shard still lacks in the store, generate and store it; returns the work."""
+    work = _shard_work(ctx, *claimed)
+    _generate_missing(ctx, work)
+    return work
+
+
 def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
     """Generate images [start, stop) of a job; skip images already stored by an earlier delivery.
 
@@ -365,16 +376,18 @@ def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
     claimed = _claim_shard(ctx, job_id, shard_index)
     if claimed is None:
         return
-    work = _shard_work(ctx, *claimed)
     t0 = time.perf_counter()
     try:
-        _generate_missing(ctx, work)
+        # A connection to Postgres or S3 lost mid-way is not the job's fault: the step runs again (within
+        # this delivery, so it is not counted as one) and makes only the images not stored yet.
+        work = retry_transient(partial(_generate_shard, ctx, claimed), f"shard {shard_index} of job {job_id}")
     except Canceled:
-        _cancel_shard(ctx, job_id, shard_index, work.dataset.id)
+        _cancel_shard(ctx, job_id, shard_index, claimed[3].id)
         return
     except Exception as exc:
         log.exception("shard %s of job %s failed", shard_index, job_id)
-        _fail_generation(ctx, job_id, "generation failed", f"{type(exc).__name__}: {exc}")
+        title = "storage or database unreachable" if is_transient(exc) else "generation failed"
+        fail_generation(ctx, job_id, title, f"{type(exc).__name__}: {exc}")
         return
     if _complete_shard(ctx, work, time.perf_counter() - t0):
         ctx.dispatcher.send(TASK_FINALIZE_JOB, job_id)
@@ -391,6 +404,20 @@ def _delete_partial(ctx: WorkerContext, dataset_id: str) -> None:
         gate_prefix = privacy.privacy_prefix(ds)
     ctx.store.delete_prefix(prefix + "/")
     ctx.store.delete_prefix(gate_prefix + "/")
+
+
+TEST_PAUSE_ENV = "CXRSYNTH_TEST_PAUSE_IN"  # fault injection for tests/e2e/test_chaos.py only
+TEST_PAUSE_S = 600.0
+
+
+def _test_pause(stage: str) -> None:
+    """Chaos-test hook: with ``CXRSYNTH_TEST_PAUSE_IN=<stage>`` in the worker's environment, log and sleep
+    here, so a test can ``kill -9`` the worker at a known point of ``stage`` (e.g. ``finalize``, with the
+    manifest and card written but the job not yet succeeded). Deliberately not a ``Settings`` field: no
+    configuration a user sees can turn it on, and without the variable it costs one dictionary lookup."""
+    if os.environ.get(TEST_PAUSE_ENV) == stage:
+        log.warning("%s=%s: pausing %.0f s for a test", TEST_PAUSE_ENV, stage, TEST_PAUSE_S)
+        time.sleep(TEST_PAUSE_S)
 
 
 class _ImageMissing(Exception):
@@ -543,7 +570,7 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
     try:
         rows = _manifest_rows(ctx, dataset, generator, params, plan)
     except _ImageMissing as missing:
-        _fail_generation(ctx, job_id, "image missing", str(missing))
+        fail_generation(ctx, job_id, "image missing", str(missing))
         return
     gate = _apply_privacy_gate(ctx, dataset, generator, params, plan, rows)
     manifest_key = _put_manifest(ctx, dataset, rows)
@@ -551,6 +578,7 @@ def finalize_generation(ctx: WorkerContext, job_id: str) -> None:
     card = _dataset_card(ctx, generator, params, len(rows), counts, gate)
     ctx.store.put_bytes(f"{_dataset_base(dataset)}/card.json", json.dumps(card, indent=2, default=str).encode(),
                         "application/json")
+    _test_pause("finalize")
     _record_dataset(ctx, dataset.id, len(rows), counts, manifest_key, card, gate)
     _build_zip(ctx, dataset.id, generator)
     _complete_generation(ctx, job_id, dataset.id, len(rows), counts, _image_bytes(ctx, dataset, rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from app.core.queue import (
     TASK_BUILD_DATASET,
@@ -16,7 +17,7 @@ from app.core.queue import (
     TASK_START_JOB,
 )
 from app.db.orm import JobKind, JobStatus
-from worker.runtime import WorkerContext, load_job, mark_failed
+from worker.runtime import WorkerContext, is_transient, load_job, mark_failed, retry_transient
 from worker.tasks import evaluation, exports, generation, ssl, training, webhooks
 
 # The job kinds that run as one task, and the function that runs each (generation is sharded: start_job
@@ -45,7 +46,13 @@ def _notify_if_terminal(ctx: WorkerContext, job_id: str) -> None:
 
 
 def start_job(ctx: WorkerContext, job_id: str) -> None:
-    """Route a new (or recovered) job to the tasks of its kind."""
+    """Route a new (or recovered) job to the tasks of its kind (run again if a connection broke under it:
+    an unrouted job would stay queued for ever)."""
+    retry_transient(partial(_route_job, ctx, job_id), f"start of job {job_id}")
+
+
+def _route_job(ctx: WorkerContext, job_id: str) -> None:
+    """Fail, cancel or route the job by kind (idempotent: a generation plans once, then resends shards)."""
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
         if job is None or JobStatus(job.status).terminal:
@@ -81,7 +88,10 @@ def run_job(ctx: WorkerContext, job_id: str) -> None:
 
 
 def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
-    generation.generation_shard(ctx, job_id, shard_index)
+    """One shard; run again if a connection broke in one of its transactions (claim, complete) or while
+    sending finalize, where nothing else would ever finish the shard."""
+    retry_transient(partial(generation.generation_shard, ctx, job_id, shard_index),
+                    f"shard {shard_index} of job {job_id}")
     with ctx.sessions() as s:
         job = load_job(s, job_id)
         failed_or_canceled = job is not None and job.status in (JobStatus.failed.value, JobStatus.canceled.value)
@@ -90,7 +100,15 @@ def generation_shard(ctx: WorkerContext, job_id: str, shard_index: int) -> None:
 
 
 def finalize_job(ctx: WorkerContext, job_id: str) -> None:
-    generation.finalize_generation(ctx, job_id)
+    """Finalize a generation (idempotent: run again if a connection broke under it). If it still fails,
+    the job fails with the reason: an error escaping the task would be acknowledged and leave the job
+    ``running`` for ever."""
+    try:
+        retry_transient(partial(generation.finalize_generation, ctx, job_id), f"finalize of job {job_id}")
+    except Exception as exc:
+        log.exception("finalize of job %s failed", job_id)
+        title = "storage or database unreachable" if is_transient(exc) else "finalize failed"
+        generation.fail_generation(ctx, job_id, title, f"{type(exc).__name__}: {exc}")
     _notify_if_terminal(ctx, job_id)
 
 
