@@ -94,10 +94,11 @@ def wrk(url: str, script: str, args: list[str], load: Load, seconds: float | Non
 
 
 def cpu_seconds(names: tuple[str, ...]) -> dict[str, float]:
-    """User+system CPU seconds so far of every process whose command line contains one of ``names``, summed
-    per name (from /proc; processes that ended before the second reading are not counted)."""
+    """User+system CPU seconds so far of every process whose command line, or an ancestor's, contains one of
+    ``names`` (uvicorn's worker processes count for their server), summed per name; from /proc, so processes
+    that ended before the second reading are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = dict.fromkeys(names, 0.0)
+    procs: dict[int, tuple[int, str, float]] = {}  # pid -> (parent pid, command line, CPU seconds)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -106,10 +107,16 @@ def cpu_seconds(names: tuple[str, ...]) -> dict[str, float]:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        for name in names:
-            if name in cmdline:
-                out[name] += (int(fields[11]) + int(fields[12])) / tick
+        procs[int(proc.name)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / tick)
+    out = dict.fromkeys(names, 0.0)
+    for pid, (_, _, cpu) in procs.items():
+        seen, node = 0, pid
+        while node in procs and seen < 64:
+            owner = next((n for n in names if n in procs[node][1]), None)
+            if owner is not None:
+                out[owner] += cpu
                 break
+            node, seen = procs[node][0], seen + 1
     return out
 
 
