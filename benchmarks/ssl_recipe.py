@@ -2,7 +2,8 @@
 
 Issue 12 asks to pick the pretraining resolution and method for the CPU profile by the measured gain per
 CPU-hour. Each candidate (``METHOD@RES``, e.g. ``dino@64``) pretrains a ResNet-18 on the real images of
-the training patients, either for the same CPU budget (``--cpu-minutes``: process CPU seconds, all
+the training patients (or, with ``--pretrain-data``, on other images such as a synthetic export), either for the
+same CPU budget (``--cpu-minutes``: process CPU seconds, all
 threads) or for the same number of image-views (``--image-views``: on a loaded machine spinning threads
 inflate CPU time per step). A frozen-feature linear probe is then scored on the held-out patients at 10%
 and 100% of the training labels (``models.evaluation``, patient-level validation split, C chosen on
@@ -99,23 +100,27 @@ def run_candidate(text: str, args: argparse.Namespace, paths: list[Path], train:
     if done.is_file():
         return dict(json.loads(done.read_text()))
     method, res = parse_candidate(text)
-    images = images_to_array(paths, res, threads=2)
+    data: np.ndarray | Path = images_to_array(paths, res, threads=2) if args.pretrain_data is None \
+        else args.pretrain_data
     if args.image_views:  # equal data budgets; the gain is still divided by each candidate's measured CPU time
         s_step, steps = float("nan"), max(10, args.image_views // args.batch_size)
     else:
-        s_step = cpu_seconds_per_step(images, method, res, args.batch_size, args.calibration_steps)
+        if not isinstance(data, np.ndarray):
+            raise SystemExit("--pretrain-data needs --image-views (the CPU calibration reads images in memory)")
+        s_step = cpu_seconds_per_step(data, method, res, args.batch_size, args.calibration_steps)
         steps = max(10, int(args.cpu_minutes * 60 / s_step))
     cfg = candidate_config(method, res, steps, args.batch_size, 0)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    result = pretrain(images, cfg, run_dir / "encoders" / text.replace("@", "-"), device="cpu",
-                      notes="benchmarks/ssl_recipe.py candidate (real training patients)")
+    source = "real training patients" if args.pretrain_data is None else str(args.pretrain_data)
+    result = pretrain(data, cfg, run_dir / "encoders" / text.replace("@", "-"), device="cpu",
+                      notes=f"benchmarks/ssl_recipe.py candidate ({source})")
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     probes = {f"{f:g}": probe(result.out_dir or "", train, test, res, f, run_dir / "reports" / f"{text}-{f:g}.json")
               for f in FRACTIONS}
     row = {"candidate": text, "method": method, "resolution": res, "steps": steps, "batch_size": args.batch_size,
            "image_views": steps * args.batch_size, "cpu_s_per_step_calibrated": round(s_step, 3),
            "pretrain_cpu_s": round(cpu_s, 1), "pretrain_wall_s": round(wall_s, 1), "precision": result.device,
-           "final_loss": result.final_loss, "probe": probes}
+           "final_loss": result.final_loss, "pretrain_data": source, "probe": probes}
     done.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -148,7 +153,8 @@ def write_tables(rows: list[dict[str, Any]], scratch: dict[int, dict[str, Any]],
     path = write_result("ssl_recipe", {"budget": budget, "batch_size": args.batch_size,
                                        "threads": args.threads, "rows": rows,
                                        "scratch": {str(k): v for k, v in scratch.items()}}, args.out)
-    lines = [f"# SSL recipe: gain per CPU-hour (ResNet-18, real training patients, {budget} each)",
+    data = "real training patients" if args.pretrain_data is None else f"pretrained on {args.pretrain_data}"
+    lines = [f"# SSL recipe: gain per CPU-hour (ResNet-18, {data}, {budget} each)",
              "",
              f"`ssl_recipe.py {' '.join(sys.argv[1:])}`; linear-probe test AUC [95% CI] on held-out patients; "
              "gain = AUC minus the same probe on a random ResNet-18 at that resolution.", "",
@@ -179,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--pretrain-data", type=Path, default=None,
+                    help="Pretrain every candidate on this instead of the real training patients: a folder of "
+                         "WebDataset shards or an export (e.g. a generation job's synthetic export), streamed; the "
+                         "probes stay on the real patient split. Needs --image-views.")
     ap.add_argument("--run-dir", type=Path, default=Path("/tmp/cxrsynth-ssl-recipe"),
                     help="Encoders, reports and per-candidate results (resumable; outside the repo).")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "ssl_recipe.json")
