@@ -154,7 +154,10 @@ def test_gate_is_deterministic_per_image(kermany: dict[str, Any], small_gate: Me
     for k in range(3):
         alone = small_gate.check(images[k : k + 1])
         assert alone.pixel_similarity[0] == together.pixel_similarity[k]
-        assert alone.embedding_similarity[0] == together.embedding_similarity[k]
+        # The embedding goes through a CNN: oneDNN picks its kernels by batch size on some CPUs (an Intel Xeon
+        # without AVX512-BF16 differed in the last float32 bit), so equal to float32 rounding, same verdict.
+        np.testing.assert_allclose(alone.embedding_similarity[0], together.embedding_similarity[k], rtol=0, atol=1e-6)
+        assert alone.passed[0] == together.passed[k]
     with pytest.raises(ValueError, match="64x64"):
         small_gate.check(np.zeros((1, 32, 32), dtype=np.uint8))
 
