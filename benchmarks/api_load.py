@@ -268,6 +268,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 proc.terminate()
                 proc.wait(20)
             drop_state(db, args.redis)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

@@ -1740,13 +1740,14 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
     """
     pre: dict[str, Any] = {}
     sources: list[dict[str, Any]] = []
+    split = prepare_data(s.profile, s.data_dir, s.run_dir)["test_split"] if paths else {}
     for path in paths:
         doc = json.loads(Path(path).read_text())
         fp = doc.get("profile", {}).get("fingerprint")
         if fp != s.profile.fingerprint():
             raise SystemExit(f"--merge {path}: profile fingerprint {fp!r} is not this run's "
                              f"{s.profile.fingerprint()!r} ({s.profile.name}); its cells would mix settings")
-        _check_same_split(path, doc, prepare_data(s.profile, s.data_dir, s.run_dir)["test_split"])
+        _check_same_split(path, doc, split)
         added = [k for k in doc.get("cells", {}) if k not in s.cells]
         for key in added:
             s.cells.put(key, doc["cells"][key])

@@ -19,6 +19,18 @@ from app.core.config import REPO_ROOT, Settings
 from tests.conftest import free_port
 
 
+def wait_for(pred: Any, timeout: float, what: str, svc: Any, every: float = 0.5) -> Any:
+    """Poll ``pred`` every ``every`` seconds until it returns something true (returned); fail with the
+    services' log tails (``svc.logs_tail()``) if ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}\n{svc.logs_tail()}")
+
+
 def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     """Environment that makes a child process build exactly these settings (``CXRSYNTH_*``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_") or k.startswith("CXRSYNTH_TEST_")}

@@ -22,7 +22,7 @@ import io
 import secrets
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from app.db.orm import Dataset, Job
 from app.db.session import get_sessionmaker
 from app.storage.s3 import S3Store
 from tests.e2e.chaos_support import PostgresProcess, RedisProcess, RestartableSeaweed
-from tests.e2e.conftest import Proc, Services
+from tests.e2e.conftest import Proc, Services, wait_for
 from tests.support import s3_settings_for, service_unavailable, weed_binary
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -126,20 +126,9 @@ def submit(chaos: ChaosStack, tenant: str) -> tuple[CxrsynthClient, str]:
     return client, job.id
 
 
-def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, chaos: ChaosStack) -> Any:
-    """Poll ``pred`` every 0.2 s until it returns something true; fail with the services' logs if not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{chaos.svc.logs_tail()}")
-
-
 def wait_running(client: CxrsynthClient, job_id: str, chaos: ChaosStack) -> None:
     """Until a shard of the job is being generated."""
-    wait_for(lambda: client.get_job(job_id).status.value == "running", 120, "the job to start", chaos)
+    wait_for(lambda: client.get_job(job_id).status.value == "running", 120, "the job to start", chaos.svc, every=0.2)
 
 
 def finish(client: CxrsynthClient, chaos: ChaosStack, job_id: str) -> Any:
@@ -205,24 +194,15 @@ def baseline(chaos: ChaosStack) -> dict[str, str]:
     return files
 
 
-def test_broker_restart_mid_job(chaos: ChaosStack, baseline: dict[str, str]) -> None:
-    """Redis (the broker) restarts while a shard runs: the worker reconnects, no message is lost (the
-    append-only file keeps queued and unacknowledged ones), and the job ends as if nothing happened."""
-    client, job_id = submit(chaos, "chaos-redis")
+@pytest.mark.parametrize("service", ["redis", "postgres"])
+def test_service_restart_mid_job(chaos: ChaosStack, baseline: dict[str, str], service: str) -> None:
+    """Redis (the broker; its append-only file keeps queued and unacknowledged messages) or Postgres (fast
+    shutdown: every open connection is ended) restarts while a shard runs: the worker reconnects (and the
+    API's pool, through pre-ping), no message is lost, and the job ends as if nothing happened."""
+    client, job_id = submit(chaos, f"chaos-{service}")
     with client:
         wait_running(client, job_id, chaos)
-        chaos.redis.restart(RESTART_DOWN_S)
-        assert client.get_job(job_id).status.value == "running"
-        assert_exactly_the_baseline(chaos, client, job_id, baseline)
-
-
-def test_database_restart_mid_job(chaos: ChaosStack, baseline: dict[str, str]) -> None:
-    """Postgres restarts (fast shutdown: every open connection is ended) while a shard runs; the worker's
-    and the API's pools reconnect and the job ends as if nothing happened."""
-    client, job_id = submit(chaos, "chaos-postgres")
-    with client:
-        wait_running(client, job_id, chaos)
-        chaos.postgres.restart(RESTART_DOWN_S)
+        getattr(chaos, service).restart(RESTART_DOWN_S)
         assert client.get_job(job_id).status.value == "running"
         assert_exactly_the_baseline(chaos, client, job_id, baseline)
 
@@ -250,7 +230,8 @@ def test_worker_killed_in_finalize(chaos: ChaosStack, baseline: dict[str, str]) 
     victim = chaos.new_worker("victim", test_pause_in="finalize")
     client, job_id = submit(chaos, "chaos-kill")
     with client:
-        wait_for(lambda: FINALIZE_PAUSE_LOG in victim.tail(20000), JOB_TIMEOUT_S, "finalize to start", chaos)
+        wait_for(lambda: FINALIZE_PAUSE_LOG in victim.tail(20000), JOB_TIMEOUT_S, "finalize to start", chaos.svc,
+                 every=0.2)
         victim.kill9()
         assert client.get_job(job_id).status.value == "running"
         with get_sessionmaker(chaos.settings.database_url)() as s:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from app.client import ApiError, CxrsynthClient
+from tests.e2e.conftest import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,16 +27,6 @@ def create_tenant(svc: Any, name: str) -> str:
     key = res.stdout.strip().splitlines()[-1]
     assert key.startswith("cxr_")
     return key
-
-
-def wait_for(pred: Any, timeout: float, what: str, svc: Any) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{svc.logs_tail()}")
 
 
 def check_zip(path: Path, n: int, size: int) -> list[dict[str, str]]:

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.conftest import Proc
-from tests.e2e.test_end_to_end import _up, wait_for
+from tests.e2e.conftest import Proc, wait_for
+from tests.e2e.test_end_to_end import _up
 
 pytestmark = pytest.mark.e2e
 
