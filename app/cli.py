@@ -37,6 +37,7 @@ from app.cli_common import (
     run_embedded_job,
     validation_message,
 )
+from app.cli_distributed import NnodesOpt, NprocOpt, RdzvEndpointOpt, RdzvIdOpt, launch_options, run_distributed
 from app.cli_export import datasets_export
 from app.cli_privacy import privacy_check_cmd, privacy_index_cmd
 from app.cli_ssl import evaluate_app, pretrain_cmd
@@ -187,22 +188,38 @@ def serve(
 
 @app.command("worker")
 def worker_cmd(
-    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1: one worker process per GPU.")] = None,
+    gpus: Annotated[str | None, typer.Option(
+        help="GPU ids, e.g. 0,1,2,3: one worker process per GPU, plus one that runs training jobs asking for "
+             "gpus > 1 over these GPUs with torchrun. cpu:N: one worker, plus N CPU ranks (gloo) for such "
+             "jobs.")] = None,
     queues: Annotated[str, typer.Option(help="Queues to consume.")] = "gpu,cpu",
     concurrency: Annotated[int, typer.Option(help="Processes per worker (CPU only).")] = 1,
 ) -> None:
     """Run Celery worker(s). With --gpus, each GPU gets its own process with CUDA_VISIBLE_DEVICES set,
-    so CUDA is initialised only in that child."""
+    so CUDA is initialised only in that child; one more process consumes the multi-GPU queue and trains
+    such jobs over all listed GPUs (GPU leases keep it and the per-GPU processes off each other's GPUs)."""
+    from app.core.queue import MULTI_GPU_QUEUE
     from app.db.session import migrate
+    from worker.multi_gpu import LEASED_GPU_ENV, worker_devices
 
-    migrate(get_settings().database_url)
+    settings = get_settings()
+    migrate(settings.database_url)
     if not gpus:
         os.execv(sys.executable, _worker_command(queues, concurrency, "prefork" if concurrency > 1 else "solo"))
+    try:
+        devices = worker_devices(settings.model_copy(update={"worker_gpus": gpus}))
+    except ValueError as exc:
+        fail(str(exc))
     procs = []
-    for gpu in [g.strip() for g in gpus.split(",") if g.strip()]:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    if devices.kind == "cpu":
+        procs.append(subprocess.Popen(_worker_command(queues, concurrency, "prefork" if concurrency > 1 else "solo")))
+    for gpu in devices.ids if devices.kind == "cuda" else ():
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, LEASED_GPU_ENV: gpu}
         cmd = [*_worker_command(queues, 1, "solo"), "--hostname", f"gpu{gpu}@%h"]
         procs.append(subprocess.Popen(cmd, env=env))
+    multi_env = {**os.environ, "CXRSYNTH_WORKER_GPUS": gpus}
+    multi_cmd = [*_worker_command(MULTI_GPU_QUEUE, 1, "solo"), "--hostname", f"gpus{len(devices.ids)}@%h"]
+    procs.append(subprocess.Popen(multi_cmd, env=multi_env))
     try:
         for p in procs:
             p.wait()
@@ -388,11 +405,17 @@ def train_generator_cmd(
     init_from: Annotated[Path | None, typer.Option(
         help="Generator folder to warm-start from (a latent one also lends its autoencoder).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    rdzv_endpoint: RdzvEndpointOpt = None,
+    rdzv_id: RdzvIdOpt = "cxrsynth-train-generator",
 ) -> None:
     """Train a diffusion generator on a folder of chest X-rays (runs here, no service needed).
 
     64 px (32-128) trains a UNet on pixels; 224 or 256 px a latent generator: an autoencoder first,
-    then a UNet on its latents. Progress shows each stage."""
+    then a UNet on its latents. Progress shows each stage. --nproc-per-node N trains the UNet
+    data-parallel over N processes with torchrun (--nnodes and --rdzv-endpoint for several machines)."""
+    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
     from models.data.folders import folder_image_sizes
     from models.diffusion.config import TrainingConfig
     from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
@@ -418,8 +441,14 @@ def train_generator_cmd(
         def on_step(step: int, total: int, message: str) -> None:
             bar.update(task, completed=step, total=total, description=message[:60])
 
+        result: Any
         try:
-            if kind == "latent":
+            if options.distributed:
+                launch_task = "train_latent_generator" if kind == "latent" else "train_generator"
+                result = run_distributed(launch_task, options, data=data, out=out,
+                                         config=(latent if kind == "latent" else config).to_dict(), ckpt=ckpt,
+                                         resume=resume, device=device, on_step=on_step, init_from=init_from)
+            elif kind == "latent":
                 result = train_latent_generator(data, out, latent, checkpoint_dir=ckpt, resume=resume,
                                                 on_step=on_step, device=device, init_from=init_from)
             else:
@@ -427,6 +456,9 @@ def train_generator_cmd(
                                          device=device, init_from=init_from)
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
+    if result is None:
+        console.print("[green]done[/]: this machine's ranks finished; the machine of rank 0 wrote the generator")
+        return
     console.print(f"[green]trained[/] a {kind} generator ({resolution} px), {result.steps} UNet steps in "
                   f"{result.wall_seconds:.0f} s -> {out}")
 

@@ -39,7 +39,9 @@ from app.cli_common import (
     run_embedded_job,
     validation_message,
 )
+from app.cli_distributed import NnodesOpt, NprocOpt, RdzvEndpointOpt, RdzvIdOpt, launch_options, run_distributed
 from models.ssl_methods import DEFAULT_SSL_METHOD, SSLMethod  # the choices: the registry (checked equal)
+from models.torchrun import LaunchOptions
 
 evaluate_app = typer.Typer(help="Downstream evaluation of an encoder (pneumonia classification, lung segmentation); "
                                 "writes a JSON report.", no_args_is_help=True)
@@ -81,10 +83,18 @@ def pretrain_cmd(
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Weights dtype of the export.")] = False,
     name: Annotated[str | None, typer.Option(help="Encoder name (jobs; default: the --out folder name).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (local runs).")] = "auto",
+    nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    rdzv_endpoint: RdzvEndpointOpt = None,
+    rdzv_id: RdzvIdOpt = "cxrsynth-pretrain",
     api: ApiUrl = None,
     key: ApiKeyOpt = None,
 ) -> None:
-    """Pretrain a chest X-ray encoder with DINO or SimCLR and export it for plain timm."""
+    """Pretrain a chest X-ray encoder with DINO or SimCLR and export it for plain timm.
+
+    With --nproc-per-node N (and --nnodes, --rdzv-endpoint for several machines) the run is data-parallel
+    over N processes with torchrun; a job (--dataset-id) asks the service's worker for N GPUs."""
+    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
     if (data is None) == (not dataset_id):
         fail("give either --data DIR (run here) or --dataset-id ID (a pretraining job)")
     if epochs is not None and steps is not None:
@@ -102,6 +112,10 @@ def pretrain_cmd(
             "backbone": backbone.value, "resolution": resolution, "batch_size": batch_size, "seed": seed,
             "fp16": fp16,
         }
+        if options.nnodes > 1:
+            fail("--nnodes is for runs here (--data); a job uses the GPUs of one worker (--nproc-per-node)")
+        if options.nproc_per_node > 1:
+            body["gpus"] = options.nproc_per_node
         if learning_rate is not None:
             body["learning_rate"] = learning_rate
         if steps is not None:
@@ -115,7 +129,7 @@ def pretrain_cmd(
         return
     assert data is not None
     _pretrain_local(data, out, method, backbone.value, resolution, epochs, steps, batch_size, learning_rate,
-                    seed, resume, checkpoint_dir or out.with_name(out.name + ".ckpt"), fp16, device)
+                    seed, resume, checkpoint_dir or out.with_name(out.name + ".ckpt"), fp16, device, options)
 
 
 def _count_images(data: str) -> int:
@@ -133,6 +147,7 @@ def _count_images(data: str) -> int:
 def _pretrain_local(
     data: str, out: Path, method: str, backbone: str, resolution: int, epochs: int | None, steps: int | None,
     batch_size: int, learning_rate: float | None, seed: int, resume: bool, ckpt: Path, fp16: bool, device: str,
+    options: LaunchOptions,
 ) -> None:
     from app.services.ssl_jobs import DEFAULT_EPOCHS, steps_for_epochs
     from models.callbacks import Canceled
@@ -177,9 +192,14 @@ def _pretrain_local(
                 if interrupted.is_set():
                     raise Canceled("interrupted")
 
+            result: Any
             try:
-                result = pretrain(data, config, out, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
-                                  device=device)
+                if options.distributed:
+                    result = run_distributed("pretrain", options, data=data, out=out, config=config.to_dict(),
+                                             ckpt=ckpt, resume=resume, device=device, on_step=on_step)
+                else:
+                    result = pretrain(data, config, out, checkpoint_dir=ckpt, resume=resume, on_step=on_step,
+                                      device=device)
             except (ValueError, FileNotFoundError) as exc:
                 fail(str(exc))
             except Canceled:
@@ -189,6 +209,9 @@ def _pretrain_local(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    if result is None:
+        console.print("[green]done[/]: this machine's ranks finished; the machine of rank 0 wrote the encoder")
+        return
     shutil.rmtree(ckpt, ignore_errors=True)  # the encoder is the result; an unfinished run keeps its state
     console.print(f"[green]pretrained[/] {result.steps} steps in {result.wall_seconds:.0f} s "
                   f"(final loss {result.final_loss:.4f}) -> {out}")

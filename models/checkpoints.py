@@ -17,8 +17,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint_atomic(payload: dict[str, Any], checkpoint_dir: str | Path) -> Path:
-    """Write ``checkpoint.pt`` via a temporary file, fsync and ``os.replace`` (never half-written)."""
+    """Write ``checkpoint.pt`` via a temporary file, fsync and ``os.replace`` (never half-written).
+
+    In a ``torch.distributed`` run only rank 0 writes (the others hold the same global state); the path
+    is returned on every rank.
+    """
     d = Path(checkpoint_dir)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return d / CHECKPOINT_NAME
     d.mkdir(parents=True, exist_ok=True)
     final = d / CHECKPOINT_NAME
     tmp = d / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"

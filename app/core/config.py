@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     privacy_max_attempts: int = Field(default=4, ge=1, description="Samples (seeds) tried per image before "
                                       "the memorisation gate fails it.")
     device: str = Field(default="auto", description="Worker device: auto (CUDA if present), cpu, cuda.")
+    worker_gpus: str = Field(default="", description="Devices this worker's multi-GPU process trains a job "
+                             "with gpus > 1 on: GPU ids (`0,1,2,3`, set by `cxrsynth worker --gpus`) or `cpu:N` "
+                             "(N gloo processes on the CPU); empty: none.")
     compile_unet: bool = Field(default=False, description="torch.compile the generator UNet in workers: "
                                "1.15-1.4x faster sampling after a one-off compile per process (~90 s on a "
                                "2-core CPU); rare pixels may differ by one grey level from eager sampling.")

@@ -15,12 +15,16 @@ from app.core.config import Settings
 
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
+# Training jobs with gpus > 1: consumed only by the multi-GPU process of `cxrsynth worker --gpus ...`, which
+# owns those devices and runs the job over them with torchrun.
+MULTI_GPU_QUEUE = "gpus"
 
 # Task names (the worker registers functions under exactly these names).
 TASK_START_JOB = "cxrsynth.start_job"  # plan a job; for generation, fan out shard tasks
 TASK_GENERATION_SHARD = "cxrsynth.generation_shard"
 TASK_FINALIZE_JOB = "cxrsynth.finalize_job"
 TASK_RUN_JOB = "cxrsynth.run_job"  # single-task kinds (generator_training, pretraining, evaluation)
+TASK_RUN_MULTI_GPU_JOB = "cxrsynth.run_multi_gpu_job"  # the same, for a training job that asks for gpus > 1
 TASK_DELIVER_WEBHOOK = "cxrsynth.deliver_webhook"
 TASK_BUILD_EXPORT = "cxrsynth.build_export"  # (dataset id, format): a dataset export asked for before it existed
 TASK_BUILD_DATASET = "cxrsynth.build_dataset"  # (dataset id): the zip of a pending upload / registration, then ready
@@ -33,6 +37,7 @@ TASK_QUEUES = {
     TASK_BUILD_DATASET: CPU_QUEUE,
     TASK_GENERATION_SHARD: GPU_QUEUE,
     TASK_RUN_JOB: GPU_QUEUE,
+    TASK_RUN_MULTI_GPU_JOB: MULTI_GPU_QUEUE,
 }
 
 
@@ -58,7 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,  # long GPU tasks: never hoard messages
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": max(60, settings.task_time_limit_s - 60),
-        "task_queues": [Queue(GPU_QUEUE), Queue(CPU_QUEUE)],
+        "task_queues": [Queue(GPU_QUEUE), Queue(CPU_QUEUE), Queue(MULTI_GPU_QUEUE)],
         "task_default_queue": CPU_QUEUE,
         "task_routes": {name: {"queue": q} for name, q in TASK_QUEUES.items()},
         "task_serializer": "json",

@@ -62,6 +62,7 @@ from models.ssl_methods import DEFAULT_SSL_METHOD, SSLMethod
 # models/ssl_methods.py; job kinds: app.db.orm.JobKind); their literals are checked against them at import.
 SEED_MAX = 2**32 - 1
 MAX_PRETRAINING_STEPS = 1_000_000
+MAX_JOB_GPUS = 64  # ranks of one data-parallel training job (one worker machine: torchrun --nproc-per-node)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,6 +165,10 @@ class GeneratorTrainingRequest(BaseModel):
     batch_size: int = Field(32, ge=1, le=512)
     learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    gpus: int = Field(1, ge=1, le=MAX_JOB_GPUS, description=(
+        "Processes (one per GPU) that train together, data-parallel with torchrun (DDP); batch_size is the "
+        "global batch and must be a multiple of gpus. A job with gpus > 1 waits for a worker started with "
+        "`cxrsynth worker --gpus ...` that has that many."))
     webhook_url: WebhookUrl | None = None
 
     @field_validator("resolution")
@@ -177,12 +182,19 @@ class GeneratorTrainingRequest(BaseModel):
         if self.autoencoder_steps is not None and kind_for_resolution(self.resolution) != "latent":
             raise ValueError(f"autoencoder_steps applies to latent generators "
                              f"({list(GENERATOR_KINDS['latent'])} px), not to {self.resolution} px")
+        _check_global_batch(self.batch_size, self.gpus)
         return self
 
     @property
     def kind(self) -> str:
         """The generator kind this resolution trains."""
         return kind_for_resolution(self.resolution)
+
+
+def _check_global_batch(batch_size: int, gpus: int) -> None:
+    """A data-parallel job shares its global batch out evenly (models.distributed.check_global_batch)."""
+    if batch_size % gpus:
+        raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be a multiple of gpus ({gpus})")
 
 
 class PretrainingRequest(BaseModel):
@@ -204,6 +216,10 @@ class PretrainingRequest(BaseModel):
     learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate; default per method.")
     fp16: bool = Field(False, description="Export the weights in float16 (half the download).")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    gpus: int = Field(1, ge=1, le=MAX_JOB_GPUS, description=(
+        "Processes (one per GPU) that train together, data-parallel with torchrun (DDP); batch_size is the "
+        "global batch and must be a multiple of gpus. A job with gpus > 1 waits for a worker started with "
+        "`cxrsynth worker --gpus ...` that has that many."))
     webhook_url: WebhookUrl | None = None
 
     @model_validator(mode="after")
@@ -214,6 +230,7 @@ class PretrainingRequest(BaseModel):
             raise ValueError("resolution must be a multiple of 16 (ViT patch size)")
         if len(set(self.dataset_ids)) != len(self.dataset_ids):
             raise ValueError("dataset_ids must not repeat a dataset")
+        _check_global_batch(self.batch_size, self.gpus)
         return self
 
 
@@ -280,6 +297,7 @@ class GeneratorTrainingParams(BaseModel):
     batch_size: int
     learning_rate: float
     seed: int
+    gpus: int = Field(1, description="Ranks the training runs on (1: in the worker process).")
 
 
 class GeneratorTrainingResult(BaseModel):
@@ -316,6 +334,7 @@ class PretrainingParams(BaseModel):
     learning_rate: float | None
     fp16: bool
     seed: int
+    gpus: int = Field(1, description="Ranks the training runs on (1: in the worker process).")
 
 
 class PretrainingResult(BaseModel):

@@ -137,7 +137,7 @@ def plan_generator_training(
         resolution=req.resolution, kind=kind,
         autoencoder_steps=(req.autoencoder_steps or DEFAULT_AUTOENCODER_STEPS) if kind == "latent" else None,
         steps=req.steps, batch_size=req.batch_size, learning_rate=req.learning_rate,
-        seed=req.seed if req.seed is not None else random_seed(),
+        seed=req.seed if req.seed is not None else random_seed(), gpus=req.gpus,
     )
 
 

@@ -81,6 +81,7 @@ def plan_pretraining(session: Session, tenant_id: str, req: PretrainingRequest) 
         backbone=req.backbone, resolution=req.resolution,
         epochs=None if req.steps else (req.epochs or DEFAULT_EPOCHS), steps=steps, batch_size=req.batch_size,
         learning_rate=req.learning_rate, fp16=req.fp16, seed=req.seed if req.seed is not None else random_seed(),
+        gpus=req.gpus,
     )
 
 

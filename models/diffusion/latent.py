@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +50,7 @@ from models.diffusion.autoencoder import (
 )
 from models.diffusion.config import TrainingConfig
 from models.diffusion.training import TrainingData, TrainingResult, load_training_data, train_generator
+from models.distributed import broadcast_from_main, world
 from models.generator_kinds import GENERATOR_KINDS
 
 
@@ -166,6 +168,33 @@ def _autoencoder_stage(
     return result.vae.float().eval(), {"config": config.autoencoder.to_dict(), **info}
 
 
+def _distributed_autoencoder_stage(
+    td: TrainingData, config: LatentGeneratorConfig, ckpt: Path | None, resume: bool, on_step: OnStep,
+    device: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Stage 1 in a run of one or more processes; returns the autoencoder and its record on every rank.
+
+    Stage 1 is not data-parallel yet (its adversarial decoder phase trains two networks): in a
+    distributed run rank 0 trains it while the other ranks wait for its ``vae`` folder in the shared
+    checkpoint folder, by polling the file system rather than in a collective, whose timeout a
+    long stage would exceed. The ready marker names a token of this run, so a folder left by an
+    earlier run is never taken. Without a checkpoint folder every rank trains the same stage itself.
+    """
+    w = world()
+    if not w.distributed or ckpt is None:
+        return _autoencoder_stage(td, config, ckpt, resume, on_step, device)
+    token = broadcast_from_main(uuid.uuid4().hex, w)
+    ready = ckpt / f".vae-ready-{token}"
+    if w.main:
+        vae, info = _autoencoder_stage(td, config, ckpt, resume, on_step, device)
+        ready.touch()
+        return vae, info
+    while not ready.exists():
+        time.sleep(2.0)
+    done = ckpt / "vae"
+    return load_vae(done), json.loads((done / AUTOENCODER_JSON).read_text())
+
+
 def train_latent_generator(
     data: str | Path | TrainingData,
     out_dir: str | Path | None,
@@ -203,8 +232,8 @@ def train_latent_generator(
         info = json.loads((Path(init_from) / "vae" / AUTOENCODER_JSON).read_text())
         info["reused_from"] = str(Path(init_from).name)
     else:
-        vae, info = _autoencoder_stage(td, config, ckpt, resume, _stage_offset(on_step, 0, total, "autoencoder"),
-                                       str(dev))
+        vae, info = _distributed_autoencoder_stage(td, config, ckpt, resume,
+                                                   _stage_offset(on_step, 0, total, "autoencoder"), str(dev))
     vae = cast(Any, vae).to(dev)
     on_step(ae_steps, total, "encoding the training images")
     t0 = time.perf_counter()

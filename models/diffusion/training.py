@@ -31,6 +31,7 @@ from models.checkpoints import read_checkpoint, save_checkpoint_atomic
 from models.data.folders import images_to_array, list_image_folder
 from models.device import autocast_for, pick_device
 from models.diffusion.config import TrainingConfig
+from models.distributed import agree, check_global_batch, shard_rows, world, wrap_ddp
 
 
 @dataclass(frozen=True)
@@ -422,6 +423,8 @@ def train_generator(
     """
     td = _training_inputs(data, config, labels, label_names, latents, vae)
     dev = pick_device(device)
+    w = world()
+    check_global_batch(config.batch_size, w)  # the global batch, shared out over the ranks
     null_class = len(td.label_names) if td.conditional else 0
     state = _fresh_state(config, td, dev, init_from, resume)
     noise_scheduler = build_noise_scheduler(config)
@@ -430,29 +433,39 @@ def train_generator(
         _resume_state(state, ckpt_dir, config, td, dev)
     unet, ema, optimizer, lr_scheduler = state.unet, state.ema, state.optimizer, state.lr_scheduler
     order, noise_gen, losses = state.order, state.noise_gen, state.losses
+    # Distributed: the forward goes through DDP (gradients averaged over the ranks). Every rank draws the
+    # global batch's indices and random numbers from the same generators and keeps its rows
+    # (shard_rows), so each image gets the noise, timestep and label dropout it gets in one process.
+    model = wrap_ddp(unet, dev, w)
+    pending_stop = False  # a cancel rank 0 saw, applied by every rank after the next step
 
     alphas = noise_scheduler.alphas_cumprod.to(dev)
     images_u8 = torch.from_numpy(td.images) if latents is None else None
     labels_t = torch.from_numpy(td.labels) if td.labels is not None else None
+    sample_shape = tuple(td.images.shape[1:]) if latents is None else tuple(latents.shape[1:])
+    if latents is None:
+        sample_shape = (1, *sample_shape)
     t_start = time.perf_counter()
     total = config.max_steps
     try:
         while state.step < total:
-            idx = order.next_batch(config.batch_size)
+            batch_idx = order.next_batch(config.batch_size)
+            n = len(batch_idx)
+            idx = shard_rows(batch_idx, w)
             if images_u8 is not None:
                 x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
             else:
                 assert latents is not None
                 x0 = latents[torch.from_numpy(idx)].to(torch.float32)
             if config.horizontal_flip:  # off by default, see TrainingConfig.horizontal_flip
-                flip = torch.rand(len(idx), generator=noise_gen) < 0.5
+                flip = shard_rows(torch.rand(n, generator=noise_gen) < 0.5, w)
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            noise = torch.randn(x0.shape, generator=noise_gen)
-            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=noise_gen)
+            noise = shard_rows(torch.randn((n, *sample_shape), generator=noise_gen), w)
+            t = shard_rows(torch.randint(0, config.num_train_timesteps, (n,), generator=noise_gen), w)
             class_labels = None
             if labels_t is not None:
                 class_labels = labels_t[idx].clone()
-                drop = torch.rand(len(idx), generator=noise_gen) < config.label_dropout
+                drop = shard_rows(torch.rand(n, generator=noise_gen) < config.label_dropout, w)
                 class_labels[drop] = null_class
                 class_labels = class_labels.to(dev)
             x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
@@ -463,7 +476,7 @@ def train_generator(
             if dev.type == "cuda":
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             with autocast_for(dev):
-                pred = unet(noisy, t, class_labels=class_labels).sample
+                pred = model(noisy, t, class_labels=class_labels, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), target)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {state.step}")
@@ -474,19 +487,27 @@ def train_generator(
             lr_scheduler.step()
             ema.step(unet.parameters())
             state.step += 1
-            losses.append(float(loss.item()))
+            loss_value, stop = agree(float(loss.item()), pending_stop, w, dev)
+            losses.append(loss_value)
+            if stop:
+                raise Canceled()
             if ckpt_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == total):
                 _save_checkpoint(ckpt_dir, state, config, td, dev, state.wall_before + (time.perf_counter() - t_start))
-            if preview_dir is not None and preview_every and state.step % preview_every == 0:
+            if preview_dir is not None and preview_every and state.step % preview_every == 0 and w.main:
                 _write_preview(ema, unet, config, td, Path(preview_dir) / f"preview-{state.step:06d}.png", dev, vae)
-            on_step(state.step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+            try:
+                on_step(state.step, total, f"loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+            except Canceled:
+                if not w.distributed:
+                    raise
+                pending_stop = True
     except Canceled:
         _save_checkpoint(ckpt_dir, state, config, td, dev, state.wall_before + (time.perf_counter() - t_start))
         raise
     wall = state.wall_before + (time.perf_counter() - t_start)
     step = state.step
     result = TrainingResult(None, step, losses[-1] if losses else float("nan"), wall, str(dev), losses)
-    if out_dir is not None:
+    if out_dir is not None and w.main:
         from models.diffusion.export import export_generator
 
         result.out_dir = export_generator(

@@ -33,7 +33,10 @@ from typing import Any
 
 import kornia.augmentation as K
 import torch
+from kornia.augmentation.container.params import ParamItem
 from torch import nn
+
+from models.distributed import World, shard_rows
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,32 @@ class XRayAugment(nn.Module):
         self.cfg = cfg
         self.pipeline = xray_augmentation(cfg)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.pipeline(to_unit_float(images))
-        return out.clamp_(0.0, 1.0)
+    def forward(self, images: torch.Tensor, w: World | None = None) -> torch.Tensor:
+        """The augmented batch; in a distributed run ``images`` is this rank's share of the global batch."""
+        x = to_unit_float(images)
+        if w is None or not w.distributed:
+            return self.pipeline(x).clamp_(0.0, 1.0)
+        # Draw the parameters of the whole global batch (the same on every rank: same seed, same draws),
+        # then apply this rank's rows: each image gets the augmentation it would get in one process.
+        params = self.pipeline.forward_parameters(torch.Size((x.shape[0] * w.size, *x.shape[1:])))
+        return self.pipeline(x, params=_shard_params(params, w, x.shape)).clamp_(0.0, 1.0)
+
+
+def _shard_params(params: list[ParamItem], w: World, local_shape: torch.Size) -> list[ParamItem]:
+    """This rank's rows of kornia's per-image parameters of a global batch.
+
+    kornia has no notion of a distributed batch; every per-image tensor it draws has the batch first, and
+    ``forward_input_shape`` (the shape it was drawn for) must become this rank's shape.
+    """
+    out = []
+    for item in params:
+        if isinstance(item.data, list):
+            out.append(ParamItem(item.name, _shard_params(item.data, w, local_shape)))
+            continue
+        data = {k: (torch.tensor(tuple(local_shape)) if k == "forward_input_shape" else shard_rows(v, w))
+                for k, v in (item.data or {}).items()}
+        out.append(ParamItem(item.name, data))
+    return out
 
 
 class MultiViewAugment(nn.Module):
@@ -131,9 +157,10 @@ class MultiViewAugment(nn.Module):
             raise ValueError("need at least one view")
         self.views = nn.ModuleList(XRayAugment(v) for v in views)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, w: World | None = None) -> list[torch.Tensor]:
+        """The views of a batch (this rank's share of the global batch when ``w`` is distributed)."""
         x = to_unit_float(images)
-        return [view(x) for view in self.views]
+        return [view(x, w) for view in self.views]
 
 
 def dino_views(

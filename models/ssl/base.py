@@ -25,6 +25,10 @@ class SSLModel(nn.Module):
         """Loss of one batch of views at ``step`` (schedules such as the teacher temperature use it)."""
         raise NotImplementedError
 
+    def forward(self, views: list[torch.Tensor], step: int, total_steps: int) -> torch.Tensor:
+        """The training loss: ``forward`` so that ``DistributedDataParallel`` can wrap the model."""
+        return self.training_loss(views, step, total_steps)
+
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after ``backward`` and before ``optimizer.step`` (e.g. to freeze a layer's gradient)."""
 

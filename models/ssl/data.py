@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.data.folders import AspectMode, images_to_array, list_image_folder, load_grey, resize_grey
+from models.distributed import World, check_global_batch, shard_rows
 from models.ssl.shards import SHARD_SUFFIX, SHARDS_DIR, LocalShards, S3Shards, ShardIndex, ShardSource, index_shards
 from models.ssl.stream import ShardStream
 
@@ -172,13 +173,19 @@ class _AsChannelFirst(Dataset[torch.Tensor]):
 class StepBatchSampler(Sampler[list[int]]):
     """Batches of indices for steps ``start_step .. total_steps - 1``; batch ``s`` depends only on
     ``(seed, s)``: positions ``s*B .. s*B+B-1`` of the concatenation of per-epoch permutations, epoch
-    ``e`` shuffled by ``numpy.random.default_rng([seed, e])``. That is what makes resuming exact."""
+    ``e`` shuffled by ``numpy.random.default_rng([seed, e])``. That is what makes resuming exact.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int) -> None:
+    In a distributed run ``batch_size`` is the global batch and each rank iterates over its rows
+    ``rank::world`` of it (:func:`models.distributed.shard_rows`): every sample is read once per epoch
+    across the ranks, and a resumed run may have another world size."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int,
+                 w: World | None = None) -> None:
         if n <= 0:
             raise ValueError("cannot sample from an empty set")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
+        self.world = w or World()
         self._epoch = -1
         self._perm = np.arange(n)
 
@@ -204,28 +211,32 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):
-            yield self.batch(step)
+            yield shard_rows(self.batch(step), self.world)
 
 
 def pretraining_loader(
     dataset: Dataset[torch.Tensor], batch_size: int, seed: int, start_step: int, total_steps: int,
-    num_workers: int = 0, pin_memory: bool = False,
+    num_workers: int = 0, pin_memory: bool = False, w: World | None = None,
 ) -> DataLoader[Any]:
     """Batches of steps ``start_step .. total_steps - 1``; batch ``s`` depends only on ``(seed, s)``.
 
     Map-style data goes through :class:`StepBatchSampler`; a :class:`ShardStream` is set up for the same
     steps and workers (see :mod:`models.ssl.stream`). Either way a resumed run reads the batches the
-    uninterrupted run would have read.
+    uninterrupted run would have read. ``batch_size`` is the global batch; in a distributed run (``w``)
+    each rank gets its share: its rows of each global batch, or for a stream its own shard readers
+    (``rank + world * worker``), so a stream resumes exactly only with the same world size.
     """
+    w = w or World()
+    local = check_global_batch(batch_size, w)
     # Its own generator: a DataLoader otherwise draws a base seed from the global RNG, which
     # would shift the augmentation draws of a resumed run.
     generator = torch.Generator().manual_seed(seed)
     if isinstance(dataset, ShardStream):
-        stream = dataset.configured(batch_size=batch_size, seed=seed, start_step=start_step,
+        stream = dataset.configured(batch_size=local, seed=seed, start_step=start_step,
                                     total_steps=total_steps, num_workers=num_workers)
-        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+        return DataLoader(stream, batch_size=local, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=False, generator=generator)
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, total_steps)  # type: ignore[arg-type]
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, total_steps, w)  # type: ignore[arg-type]
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=False, generator=generator,

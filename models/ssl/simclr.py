@@ -27,7 +27,9 @@ class SimCLR(SSLModel):
         dim = int(backbone.num_features)  # type: ignore[arg-type]
         self.backbone = backbone
         self.projection_head = SimCLRProjectionHead(dim, config.simclr_hidden_dim, config.simclr_output_dim)
-        self.criterion = NTXentLoss(temperature=config.simclr_temperature)
+        # gather_distributed: in a torch.distributed run the negatives come from every rank's batch, so
+        # the loss is the one of the global batch (a no-op in one process).
+        self.criterion = NTXentLoss(temperature=config.simclr_temperature, gather_distributed=True)
 
     def views(self) -> MultiViewAugment:
         return simclr_views(self.config.resolution, self.config.global_crop_scale)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from models.callbacks import Canceled, OnStep, no_progress
 from models.checkpoints import CHECKPOINT_NAME, read_checkpoint, save_checkpoint_atomic
 from models.device import Precision, autocast_for, pick_device, resolve_precision
+from models.distributed import World, agree, check_global_batch, world, wrap_ddp
 from models.ssl.augment import MultiViewAugment, normalize
 from models.ssl.backbones import backbone_kwargs, check_input_size, create_backbone
 from models.ssl.base import SSLModel
@@ -129,6 +130,7 @@ class _Run:
     views: MultiViewAugment
     optimizer: torch.optim.Optimizer
     scheduler: CosineWarmupScheduler
+    world: World = field(default_factory=World)
 
 
 @dataclass
@@ -143,6 +145,8 @@ class _Progress:
 def _set_up(data: str | Path | np.ndarray | Dataset[Any] | ShardSource, config: PretrainConfig,
             device: str) -> _Run:
     """Data, device, seeded model, views, AdamW and the warm-up/cosine schedule (in this order: it seeds)."""
+    w = world()
+    check_global_batch(config.batch_size, w)  # a batch the ranks cannot share fails before any work
     dataset, summary = pretraining_dataset(data, config.resolution, config.aspect_mode, config.cache_limit_mb)
     dev = pick_device(device)
     arithmetic = training_precision(config, dev)  # an impossible bf16 fails here, not mid-run
@@ -158,7 +162,7 @@ def _set_up(data: str | Path | np.ndarray | Dataset[Any] | ShardSource, config: 
         optimizer, warmup_epochs=config.warmup_steps, max_epochs=config.max_steps,
         end_value=config.min_learning_rate / config.learning_rate,
     )
-    return _Run(config, dataset, summary, dev, arithmetic, model, views, optimizer, scheduler)
+    return _Run(config, dataset, summary, dev, arithmetic, model, views, optimizer, scheduler, w)
 
 
 def _resume(run: _Run, ckpt_dir: Path | None) -> _Progress:
@@ -257,21 +261,24 @@ def pretrain(
     ``out_dir=None`` skips the export.
     """
     run = _set_up(data, config, device)
-    model, optimizer, scheduler, dev = run.model, run.optimizer, run.scheduler, run.dev
+    model, optimizer, scheduler, dev, w = run.model, run.optimizer, run.scheduler, run.dev, run.world
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     progress = _resume(run, ckpt_dir) if resume else _Progress()
     step, wall_before, losses = progress.step, progress.wall_before, progress.losses
     t_start = time.perf_counter()
+    # In a distributed run the forward goes through DDP, which averages the gradients over the ranks.
+    loss_of = wrap_ddp(model, dev, w)
+    pending_stop = False  # a cancel rank 0 saw, applied by every rank after the next step
 
     total = config.max_steps
     loader = pretraining_loader(run.dataset, config.batch_size, config.seed, step, total, config.num_workers,
-                                pin_memory=dev.type == "cuda")
+                                pin_memory=dev.type == "cuda", w=w)
     try:
         for batch in loader:
             x = batch.to(dev, non_blocking=True)
-            crops = [normalize(v, config.norm_mean, config.norm_std) for v in run.views(x)]
+            crops = [normalize(v, config.norm_mean, config.norm_std) for v in run.views(x, w)]
             with autocast_for(dev, run.arithmetic):
-                loss = model.training_loss(crops, step, total)
+                loss = loss_of(crops, step, total)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -282,10 +289,18 @@ def pretrain(
             scheduler.step()
             model.after_optimizer_step(step, total)
             step += 1
-            losses.append(float(loss.item()))
+            loss_value, stop = agree(float(loss.item()), pending_stop, w, dev)
+            losses.append(loss_value)
+            if stop:
+                raise Canceled()
             if ckpt_dir is not None and (step % config.checkpoint_every == 0 or step == total):
                 _save_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
-            on_step(step, total, f"{config.method} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+            try:
+                on_step(step, total, f"{config.method} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+            except Canceled:
+                if not w.distributed:
+                    raise
+                pending_stop = True
     except Canceled:
         _save_checkpoint(ckpt_dir, run, step, losses, wall_before + (time.perf_counter() - t_start))
         raise
@@ -295,6 +310,6 @@ def pretrain(
         None, config.method, config.backbone, step, losses[-1] if losses else float("nan"), wall,
         _device_words(dev, run.arithmetic), run.summary, losses,
     )
-    if out_dir is not None:
+    if out_dir is not None and w.main:
         result.out_dir = _export(out_dir, run, result, notes)
     return result

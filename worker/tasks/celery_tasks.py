@@ -12,10 +12,12 @@ from app.core.queue import (
     TASK_FINALIZE_JOB,
     TASK_GENERATION_SHARD,
     TASK_RUN_JOB,
+    TASK_RUN_MULTI_GPU_JOB,
     TASK_START_JOB,
 )
 from worker.celery_app import celery_app
 from worker.dispatch import CeleryDispatcher
+from worker.multi_gpu import hold_worker_gpu
 from worker.runtime import WorkerContext
 from worker.tasks import exports, jobs
 
@@ -34,7 +36,8 @@ def start_job(job_id: str) -> None:
 
 @celery_app.task(name=TASK_GENERATION_SHARD)
 def generation_shard(job_id: str, shard_index: int) -> None:
-    jobs.generation_shard(context(), job_id, shard_index)
+    with hold_worker_gpu(context().settings):  # not while a multi-GPU job trains on this process's GPU
+        jobs.generation_shard(context(), job_id, shard_index)
 
 
 @celery_app.task(name=TASK_FINALIZE_JOB)
@@ -44,6 +47,13 @@ def finalize_job(job_id: str) -> None:
 
 @celery_app.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
+    with hold_worker_gpu(context().settings):
+        jobs.run_job(context(), job_id)
+
+
+@celery_app.task(name=TASK_RUN_MULTI_GPU_JOB)
+def run_multi_gpu_job(job_id: str) -> None:
+    """A training job with gpus > 1 (this worker's multi-GPU process runs it with torchrun)."""
     jobs.run_job(context(), job_id)
 
 

@@ -14,6 +14,7 @@ from app.core.queue import (
     TASK_FINALIZE_JOB,
     TASK_GENERATION_SHARD,
     TASK_RUN_JOB,
+    TASK_RUN_MULTI_GPU_JOB,
     TASK_START_JOB,
 )
 from app.db.orm import JobKind, JobStatus
@@ -58,6 +59,7 @@ def _route_job(ctx: WorkerContext, job_id: str) -> None:
         if job is None or JobStatus(job.status).terminal:
             return
         kind = job.kind
+        multi_gpu = int((job.params or {}).get("gpus") or 1) > 1
         if job.cancel_requested:
             from worker.runtime import mark_canceled
 
@@ -69,7 +71,8 @@ def _route_job(ctx: WorkerContext, job_id: str) -> None:
     if kind == JobKind.generation.value:
         generation.start_generation(ctx, job_id)
     elif kind in SINGLE_TASK_KINDS:
-        ctx.dispatcher.send(TASK_RUN_JOB, job_id)
+        # A data-parallel training job goes to the queue of the workers that own several GPUs.
+        ctx.dispatcher.send(TASK_RUN_MULTI_GPU_JOB if multi_gpu else TASK_RUN_JOB, job_id)
     _notify_if_terminal(ctx, job_id)
 
 
@@ -123,6 +126,7 @@ def task_registry(ctx: WorkerContext) -> dict[str, Callable[..., None]]:
         TASK_GENERATION_SHARD: lambda job_id, k: generation_shard(ctx, job_id, k),
         TASK_FINALIZE_JOB: lambda job_id: finalize_job(ctx, job_id),
         TASK_RUN_JOB: lambda job_id: run_job(ctx, job_id),
+        TASK_RUN_MULTI_GPU_JOB: lambda job_id: run_job(ctx, job_id),
         TASK_DELIVER_WEBHOOK: lambda job_id: deliver_webhook(ctx, job_id),
         TASK_BUILD_EXPORT: lambda dataset_id, fmt: exports.build_export(ctx, dataset_id, fmt),
         TASK_BUILD_DATASET: lambda dataset_id: exports.build_dataset(ctx, dataset_id),

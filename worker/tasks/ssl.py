@@ -20,6 +20,7 @@ from app.schemas.jobs import PretrainingDataset, PretrainingParams
 from app.storage.base import tenant_key
 from models.callbacks import Canceled
 from models.data.folders import IMAGE_SUFFIXES
+from worker.multi_gpu import check_capacity, retry_after_rank_failure, run_on_ranks
 from worker.runtime import (
     WorkerContext,
     begin_job,
@@ -72,6 +73,7 @@ def download_pretraining_images(ctx: WorkerContext, datasets: list[PretrainingDa
 def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
     """Run (or resume) one pretraining job end to end."""
     from models.checkpoints import CHECKPOINT_NAME
+    from models.launch import DistributedRunError
     from models.ssl import PretrainConfig, pretrain
 
     with ctx.sessions.begin() as s:
@@ -90,6 +92,11 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
             s.add(enc)
             s.flush()
             job.result = {**result, "encoder_id": enc.id}
+        no_room = check_capacity(ctx.settings, params.gpus) if params.gpus > 1 else None
+        if no_room is not None:
+            enc.status = "failed"
+            mark_failed(s, job, "not enough GPUs on this worker", no_room)
+            return
         mark_running(s, job)
         enc_id, tenant_id = enc.id, job.tenant_id
 
@@ -113,9 +120,15 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
             with ctx.sessions.begin() as s:
                 record_event(s, job_id, "resuming from the last checkpoint")
         names = ", ".join(f"{d.id} ({d.origin}, {d.num_images} images)" for d in params.datasets)
-        run = pretrain(work / "data", config, work / "out", checkpoint_dir=ckpt, resume=resume,
-                       on_step=make_progress_callback(ctx, job_id), device=ctx.settings.device,
-                       notes=f"Pretrained by job {job_id} on datasets {names}.")
+        notes = f"Pretrained by job {job_id} on datasets {names}."
+        run: Any
+        if params.gpus > 1:
+            run = run_on_ranks(ctx, job_id, params.gpus, "pretrain", data=work / "data", out=work / "out",
+                               config=config.to_dict(), ckpt=ckpt, resume=resume,
+                               on_step=make_progress_callback(ctx, job_id), notes=notes)
+        else:
+            run = pretrain(work / "data", config, work / "out", checkpoint_dir=ckpt, resume=resume,
+                           on_step=make_progress_callback(ctx, job_id), device=ctx.settings.device, notes=notes)
         out = work / "out"
         prefix = tenant_key(tenant_id, "encoders", enc_id)
         upload_folder(ctx.store, out, prefix)
@@ -123,6 +136,12 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
         card = (out / "README.md").read_text()
     except Canceled:
         end_model_job(ctx, job_id, Encoder, enc_id)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return
+    except DistributedRunError as exc:
+        if retry_after_rank_failure(ctx, job_id, exc):
+            return  # the checkpoint stays: the next delivery resumes from it
+        end_model_job(ctx, job_id, Encoder, enc_id, failure=("pretraining failed", public_error(exc, work)))
         shutil.rmtree(ckpt, ignore_errors=True)
         return
     except Exception as exc:

@@ -11,10 +11,12 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from app.db.orm import Dataset, Generator
 from app.storage.base import tenant_key
 from models.callbacks import Canceled
+from worker.multi_gpu import check_capacity, retry_after_rank_failure, run_on_ranks
 from worker.runtime import (
     WorkerContext,
     begin_job,
@@ -40,6 +42,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
     from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
     from models.diffusion.training import train_generator
     from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, check_image_sizes
+    from models.launch import DistributedRunError
 
     with ctx.sessions.begin() as s:
         job = begin_job(s, ctx.settings, job_id)
@@ -58,6 +61,12 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             s.add(gen)
             s.flush()
             job.result = {**result, "generator_id": gen.id}
+        gpus = int(params.get("gpus") or 1)
+        no_room = check_capacity(ctx.settings, gpus) if gpus > 1 else None
+        if no_room is not None:
+            gen.status = "failed"
+            mark_failed(s, job, "not enough GPUs on this worker", no_room)
+            return
         mark_running(s, job)
         gen_id, tenant_id, dataset_prefix = gen.id, job.tenant_id, dataset.prefix
     resolution = int(params.get("resolution", 64))
@@ -75,17 +84,26 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             with ctx.sessions.begin() as s:
                 record_event(s, job_id, "resuming from the last checkpoint")
         progress = make_progress_callback(ctx, job_id)
-        if params.get("kind", "pixel") == "latent":
+        latent = params.get("kind", "pixel") == "latent"
+        config: TrainingConfig | LatentGeneratorConfig
+        if latent:
             check_image_sizes(resolution, folder_image_sizes(work / "data"))
             config = LatentGeneratorConfig.for_resolution(
                 resolution, autoencoder={"max_steps": int(params.get("autoencoder_steps") or DEFAULT_AUTOENCODER_STEPS),
                                          **({"seed": params["seed"]} if params.get("seed") is not None else {})},
                 **overrides)
+        else:
+            config = TrainingConfig().replace(resolution=resolution, **overrides)
+        run: Any
+        if gpus > 1:
+            run = run_on_ranks(ctx, job_id, gpus, "train_latent_generator" if latent else "train_generator",
+                               data=work / "data", out=work / "out", config=config.to_dict(), ckpt=ckpt,
+                               resume=resume, on_step=progress)
+        elif isinstance(config, LatentGeneratorConfig):
             run = train_latent_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
                                          on_step=progress, device=ctx.settings.device)
         else:
-            pixel = TrainingConfig().replace(resolution=resolution, **overrides)
-            run = train_generator(work / "data", work / "out", pixel, checkpoint_dir=ckpt, resume=resume,
+            run = train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
                                   on_step=progress, device=ctx.settings.device)
         out = work / "out"
         prefix = tenant_key(tenant_id, "generators", gen_id)
@@ -94,6 +112,12 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
         card = (out / "README.md").read_text() if (out / "README.md").exists() else ""
     except Canceled:
         end_model_job(ctx, job_id, Generator, gen_id)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return
+    except DistributedRunError as exc:
+        if retry_after_rank_failure(ctx, job_id, exc):
+            return  # the checkpoint stays: the next delivery resumes from it
+        end_model_job(ctx, job_id, Generator, gen_id, failure=("generator training failed", public_error(exc, work)))
         shutil.rmtree(ckpt, ignore_errors=True)
         return
     except Exception as exc:
