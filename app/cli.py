@@ -415,7 +415,7 @@ def train_generator_cmd(
     64 px (32-128) trains a UNet on pixels; 224 or 256 px a latent generator: an autoencoder first,
     then a UNet on its latents. Progress shows each stage. --nproc-per-node N trains the UNet
     data-parallel over N processes with torchrun (--nnodes and --rdzv-endpoint for several machines)."""
-    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
+    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, batch_size)
     from models.data.folders import folder_image_sizes
     from models.diffusion.config import TrainingConfig
     from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator

@@ -94,7 +94,7 @@ def pretrain_cmd(
 
     With --nproc-per-node N (and --nnodes, --rdzv-endpoint for several machines) the run is data-parallel
     over N processes with torchrun; a job (--dataset-id) asks the service's worker for N GPUs."""
-    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
+    options = launch_options(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, batch_size)
     if (data is None) == (not dataset_id):
         fail("give either --data DIR (run here) or --dataset-id ID (a pretraining job)")
     if epochs is not None and steps is not None:

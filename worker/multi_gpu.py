@@ -129,15 +129,19 @@ def run_on_ranks(ctx: WorkerContext, job_id: str, gpus: int, task: str, *, data:
     return SimpleNamespace(**record)
 
 
-def retry_after_rank_failure(ctx: WorkerContext, job_id: str, error: Exception) -> bool:
-    """After a failed rank: send the job again (it resumes from its checkpoint) while it has deliveries
-    left; True when it was sent, False when the caller must fail it."""
+def retry_after_rank_failure(ctx: WorkerContext, job_id: str, error: Exception, ckpt: Path) -> bool:
+    """After a failed rank: send the job again (it resumes from its checkpoint in ``ckpt``, if one was written
+    yet) while it has deliveries left; True when it was sent, False when the caller must fail it."""
+    from models.checkpoints import CHECKPOINT_NAME
+
     with ctx.sessions.begin() as s:
         job = load_job(s, job_id)
         if job is None or job.attempts >= ctx.settings.max_task_attempts or job.cancel_requested:
             return False
         first = str(error).splitlines()[0]
-        record_event(s, job_id, f"{first}; resuming from the last checkpoint (delivery {job.attempts + 1} of "
+        where = ("from its last checkpoint" if ckpt.is_dir() and any(ckpt.rglob(CHECKPOINT_NAME))
+                 else "from the start (no checkpoint yet)")
+        record_event(s, job_id, f"{first}; running it again {where} (delivery {job.attempts + 1} of "
                                 f"{ctx.settings.max_task_attempts})", level="warning")
     ctx.dispatcher.send(TASK_RUN_MULTI_GPU_JOB, job_id)
     return True

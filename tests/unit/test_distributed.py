@@ -227,3 +227,34 @@ def test_resume_with_another_world_size(tmp_path: Path) -> None:
     # one process takes over the global state the two ranks saved
     result = pretrain(data, config, None, checkpoint_dir=tmp_path / "ck", resume=True, device="cpu")
     assert result.steps == 4 and len(result.losses) == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------
+def test_cli_pretrain_and_train_generator_on_two_processes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from models.ssl.export import load_encoder
+
+    runner = CliRunner()
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "enc"
+    result = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--resolution", "32",
+                                 "--batch-size", "4", "--steps", "2", "--device", "cpu", "--nproc-per-node", "2"])
+    assert result.exit_code == 0, result.output
+    assert "pretrained 2 steps" in result.output and load_encoder(out) is not None
+    assert not out.with_name("enc.ckpt").exists()  # a finished run leaves no checkpoint
+
+    bad = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--resolution", "32",
+                              "--batch-size", "5", "--steps", "2", "--device", "cpu", "--nproc-per-node", "2"])
+    assert bad.exit_code != 0 and "multiple of the 2 ranks" in bad.output
+    many = runner.invoke(app, ["pretrain", "--data", str(data), "--out", str(out), "--nnodes", "2"])
+    assert many.exit_code == 2 and "rdzv_endpoint" in many.output
+
+    gen = runner.invoke(app, ["train-generator", "--data", str(data), "--out", str(tmp_path / "gen"),
+                              "--resolution", "32", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+                              "--nproc-per-node", "2"])
+    assert gen.exit_code == 0, gen.output
+    assert (tmp_path / "gen" / "cxrsynth.json").is_file()

@@ -115,7 +115,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
         return
     except DistributedRunError as exc:
-        if retry_after_rank_failure(ctx, job_id, exc):
+        if retry_after_rank_failure(ctx, job_id, exc, ckpt):
             return  # the checkpoint stays: the next delivery resumes from it
         end_model_job(ctx, job_id, Generator, gen_id, failure=("generator training failed", public_error(exc, work)))
         shutil.rmtree(ckpt, ignore_errors=True)
