@@ -38,6 +38,7 @@ from tests.e2e.readme_blocks import (
     BashRun,
     bash,
     block,
+    plain,
     readme_blocks,
     runs_blocks,
     script,
@@ -270,6 +271,24 @@ def test_cli_session(tmp_path: Path) -> None:
     assert cls["task"] == "classification" and cls["split"]["test"] > 0 and "auc" in cls["metrics"], cls
     for side in ("train", "test"):
         assert any((work / "kermany" / side / "NORMAL").iterdir()) and any((work / "lungs" / side / "masks").iterdir())
+
+
+@runs_blocks("multi-gpu")
+@pytest.mark.timeout(600)
+def test_multi_gpu_session(tmp_path: Path) -> None:
+    """The torchrun block after the 16 images of ``generate-64``: DINO on 2 processes of this machine, then a
+    generator trained by two "machines" (two launches on this one) meeting at a c10d rendezvous."""
+    work = workspace(tmp_path)
+    code = script("generate-64", "multi-gpu")
+    with bash(code, work, terminal_env(_embedded_env(tmp_path)), tmp_path / "multi-gpu.log") as run:
+        assert run.wait(timeout=540) == 0, run.tail()
+    config = json.loads((work / "enc-ddp" / "config.json").read_text())
+    assert config["method"] == "dino" and config["pretraining"]["steps"] == 4, config
+    meta = json.loads((work / "gen-ddp" / "cxrsynth.json").read_text())
+    assert meta["resolution"] == 32, meta
+    logs = plain((work / "node-A.log").read_text() + (work / "node-B.log").read_text())
+    # exactly one of the two launches held rank 0 and wrote the generator
+    assert logs.count("trained a pixel generator") == 1 and logs.count("the machine of rank 0 wrote") == 1, logs
 
 
 # --- long work: started correctly and made progress ------------------------------------------------

@@ -55,8 +55,8 @@ def setting_name(var: str) -> str:
 
 
 def test_services_and_dependencies() -> None:
-    assert set(SERVICES) == {"api", "worker", "postgres", "redis", "minio", "migrate"}
-    for service in ("api", "worker"):
+    assert set(SERVICES) == {"api", "worker", "worker-multigpu", "postgres", "redis", "minio", "migrate"}
+    for service in ("api", "worker", "worker-multigpu"):
         deps = SERVICES[service]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["redis"]["condition"] == "service_healthy"
@@ -81,6 +81,20 @@ def test_worker_reserves_a_gpu_and_runs_the_worker() -> None:
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert worker["command"] == ["cxrsynth", "worker"]
     assert worker["build"]["target"] == "worker" and SERVICES["api"]["build"]["target"] == "api"
+
+
+def test_multi_gpu_worker_is_opt_in_and_owns_its_gpus() -> None:
+    from worker.multi_gpu import worker_devices
+
+    multi = SERVICES["worker-multigpu"]
+    assert multi["profiles"] == ["multi-gpu"]  # `docker compose up` alone does not start it
+    command = multi["command"]
+    assert command[:3] == ["cxrsynth", "worker", "--gpus"]
+    devices = multi["deploy"]["resources"]["reservations"]["devices"]
+    reserved = [d for d in devices if d["driver"] == "nvidia"][0]["device_ids"]
+    gpus = worker_devices(Settings(worker_gpus=command[3]))
+    assert gpus.kind == "cuda" and list(gpus.ids) == reserved  # it reserves exactly the GPUs it lists
+    assert multi["ipc"] == "host" and multi["build"]["target"] == "worker"
 
 
 def test_named_volumes_are_declared() -> None:
