@@ -56,7 +56,7 @@ def _data(root: Path, n: int, size: int = 64) -> Path:
     for i in range(n):
         low = rng.integers(0, 255, (size // 8, size // 8), dtype=np.uint8)
         label = ("NORMAL", "PNEUMONIA")[i % 2]
-        Image.fromarray(low).resize((size, size), Image.BILINEAR).save(root / label / f"{i}.png")
+        Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR).save(root / label / f"{i}.png")
     return root
 
 
@@ -69,8 +69,8 @@ def _spec(workload: str, data: Path, steps: int, resolution: int, work: Path, de
                          checkpoint_dir=work / "ckpt", resume=False, device=device)
     from models.ssl.config import PretrainConfig
 
-    config = PretrainConfig(method=cast(Any, workload), backbone="resnet18", resolution=64, max_steps=steps, batch_size=32,
-                            warmup_steps=1, checkpoint_every=10**6)
+    config = PretrainConfig(method=cast(Any, workload), backbone="resnet18", resolution=64, max_steps=steps,
+                            batch_size=32, warmup_steps=1, checkpoint_every=10**6)
     return make_spec("pretrain", data=data, out_dir=None, config=config.to_dict(), checkpoint_dir=work / "ckpt",
                      resume=False, device=device)
 
