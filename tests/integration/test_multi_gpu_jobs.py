@@ -31,7 +31,7 @@ def _dataset(client: TestClient, auth: TenantAuth, n: int = 16) -> str:
     for i in range(n):
         buf = io.BytesIO()
         low = rng.integers(0, 255, (8, 8), dtype=np.uint8)
-        Image.fromarray(low).resize((40, 40), Image.BILINEAR).save(buf, format="PNG")
+        Image.fromarray(low).resize((40, 40), Image.Resampling.BILINEAR).save(buf, format="PNG")
         members[f"{'normal' if i % 2 else 'pneumonia'}/im{i:02d}.png"] = buf.getvalue()
     resp = upload(client, auth, [("ranks.zip", zip_bytes(members))], name="ranks")
     assert resp.status_code == 201, resp.text
@@ -77,7 +77,7 @@ def test_pretraining_on_two_ranks_survives_a_killed_rank(client: TestClient, api
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
     assert resp.json()["params"]["gpus"] == 2
-    stop, killed = threading.Event(), []
+    stop, killed = threading.Event(), list[int]()
     watcher = threading.Thread(target=_kill_rank_1_once, args=(settings.data_dir, stop, killed), daemon=True)
     watcher.start()
     try:

@@ -91,7 +91,7 @@ def test_multi_gpu_worker_is_opt_in_and_owns_its_gpus() -> None:
     command = multi["command"]
     assert command[:3] == ["cxrsynth", "worker", "--gpus"]
     devices = multi["deploy"]["resources"]["reservations"]["devices"]
-    reserved = [d for d in devices if d["driver"] == "nvidia"][0]["device_ids"]
+    reserved = next(d for d in devices if d["driver"] == "nvidia")["device_ids"]
     gpus = worker_devices(Settings(worker_gpus=command[3]))
     assert gpus.kind == "cuda" and list(gpus.ids) == reserved  # it reserves exactly the GPUs it lists
     assert multi["ipc"] == "host" and multi["build"]["target"] == "worker"

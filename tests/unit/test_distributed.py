@@ -35,7 +35,7 @@ def _image_folder(root: Path, n: int = 16, size: int = 32) -> Path:
         label = "normal" if i % 2 else "pneumonia"
         (root / label).mkdir(parents=True, exist_ok=True)
         low = rng.integers(0, 255, (size // 4, size // 4), dtype=np.uint8)
-        Image.fromarray(low).resize((size, size), Image.BILINEAR).save(root / label / f"im{i:03d}.png")
+        Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR).save(root / label / f"im{i:03d}.png")
     return root
 
 
