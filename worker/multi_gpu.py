@@ -27,10 +27,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.core.config import Settings
 from app.core.queue import TASK_RUN_MULTI_GPU_JOB
+from app.db.orm import Encoder, Generator, Job
 from models.callbacks import OnStep
-from worker.runtime import WorkerContext, load_job, record_event
+from worker.runtime import WorkerContext, load_job, mark_failed, record_event
 
 LEASED_GPU_ENV = "CXRSYNTH_LEASED_GPU"  # set by `cxrsynth worker --gpus` on each per-GPU process
 
@@ -98,6 +101,16 @@ def check_capacity(settings: Settings, gpus: int) -> str | None:
     have = "no devices for multi-GPU jobs" if devices.count == 0 else f"{devices.count} ({settings.worker_gpus})"
     return (f"the job asks for {gpus} GPUs; this worker has {have}: run it on a worker started with "
             f"`cxrsynth worker --gpus` listing at least {gpus}")
+
+
+def refuse_without_devices(s: Session, settings: Settings, job: Job, gpus: int, row: Generator | Encoder) -> bool:
+    """Fail ``job`` and its model ``row`` when this worker lacks the ``gpus`` devices; True when it did."""
+    no_room = check_capacity(settings, gpus) if gpus > 1 else None
+    if no_room is None:
+        return False
+    row.status = "failed"
+    mark_failed(s, job, "not enough GPUs on this worker", no_room)
+    return True
 
 
 def run_on_ranks(ctx: WorkerContext, job_id: str, gpus: int, task: str, *, data: Path, out: Path,

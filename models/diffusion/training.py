@@ -31,7 +31,7 @@ from models.checkpoints import read_checkpoint, save_checkpoint_atomic
 from models.data.folders import images_to_array, list_image_folder
 from models.device import autocast_for, pick_device
 from models.diffusion.config import TrainingConfig
-from models.distributed import agree, check_global_batch, shard_rows, world, wrap_ddp
+from models.distributed import World, agree, check_global_batch, shard_rows, world, wrap_ddp
 
 
 @dataclass(frozen=True)
@@ -386,6 +386,37 @@ def _save_checkpoint(
     )
 
 
+def _draw_batch(
+    order: _DataOrder, noise_gen: torch.Generator, config: TrainingConfig, images_u8: torch.Tensor | None,
+    latents: torch.Tensor | None, labels_t: torch.Tensor | None, null_class: int, w: World,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's ``(x0, noise, t, class labels)`` of the next global batch, on the CPU.
+
+    Every rank draws the global batch's indices, flips, noise, timesteps and label dropout from the same
+    generators, then keeps its rows (:func:`~models.distributed.shard_rows`): an image gets the same draws
+    whatever the world size, and one process (``w`` of size 1) draws exactly what it always did.
+    """
+    batch_idx = order.next_batch(config.batch_size)
+    n = len(batch_idx)
+    idx = shard_rows(batch_idx, w)
+    if images_u8 is not None:
+        x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
+    else:
+        assert latents is not None
+        x0 = latents[torch.from_numpy(idx)].to(torch.float32)
+    if config.horizontal_flip:  # off by default, see TrainingConfig.horizontal_flip
+        flip = shard_rows(torch.rand(n, generator=noise_gen) < 0.5, w)
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    noise = shard_rows(torch.randn((n, *x0.shape[1:]), generator=noise_gen), w)
+    t = shard_rows(torch.randint(0, config.num_train_timesteps, (n,), generator=noise_gen), w)
+    class_labels = None
+    if labels_t is not None:
+        class_labels = labels_t[idx].clone()
+        drop = shard_rows(torch.rand(n, generator=noise_gen) < config.label_dropout, w)
+        class_labels[drop] = null_class
+    return x0, noise, t, class_labels
+
+
 def train_generator(
     data: str | Path | TrainingData | np.ndarray,
     out_dir: str | Path | None,
@@ -442,32 +473,13 @@ def train_generator(
     alphas = noise_scheduler.alphas_cumprod.to(dev)
     images_u8 = torch.from_numpy(td.images) if latents is None else None
     labels_t = torch.from_numpy(td.labels) if td.labels is not None else None
-    sample_shape = tuple(td.images.shape[1:]) if latents is None else tuple(latents.shape[1:])
-    if latents is None:
-        sample_shape = (1, *sample_shape)
     t_start = time.perf_counter()
     total = config.max_steps
     try:
         while state.step < total:
-            batch_idx = order.next_batch(config.batch_size)
-            n = len(batch_idx)
-            idx = shard_rows(batch_idx, w)
-            if images_u8 is not None:
-                x0 = images_u8[idx].to(torch.float32).unsqueeze(1).div_(127.5).sub_(1.0)
-            else:
-                assert latents is not None
-                x0 = latents[torch.from_numpy(idx)].to(torch.float32)
-            if config.horizontal_flip:  # off by default, see TrainingConfig.horizontal_flip
-                flip = shard_rows(torch.rand(n, generator=noise_gen) < 0.5, w)
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            noise = shard_rows(torch.randn((n, *sample_shape), generator=noise_gen), w)
-            t = shard_rows(torch.randint(0, config.num_train_timesteps, (n,), generator=noise_gen), w)
-            class_labels = None
-            if labels_t is not None:
-                class_labels = labels_t[idx].clone()
-                drop = shard_rows(torch.rand(n, generator=noise_gen) < config.label_dropout, w)
-                class_labels[drop] = null_class
-                class_labels = class_labels.to(dev)
+            x0, noise, t, class_labels = _draw_batch(order, noise_gen, config, images_u8, latents, labels_t,
+                                                     null_class, w)
+            class_labels = class_labels.to(dev) if class_labels is not None else None
             x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
             a = alphas[t].sqrt().view(-1, 1, 1, 1)
             s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)

@@ -20,7 +20,7 @@ from app.schemas.jobs import PretrainingDataset, PretrainingParams
 from app.storage.base import tenant_key
 from models.callbacks import Canceled
 from models.data.folders import IMAGE_SUFFIXES
-from worker.multi_gpu import check_capacity, retry_after_rank_failure, run_on_ranks
+from worker.multi_gpu import refuse_without_devices, retry_after_rank_failure, run_on_ranks
 from worker.runtime import (
     WorkerContext,
     begin_job,
@@ -70,11 +70,26 @@ def download_pretraining_images(ctx: WorkerContext, datasets: list[PretrainingDa
 # --------------------------------------------------------------------------------------------------
 # Pretraining
 # --------------------------------------------------------------------------------------------------
+def _pretrain_config(params: PretrainingParams) -> Any:
+    """The ``PretrainConfig`` of a job: its parameters, warm-up and checkpoints scaled to its length."""
+    from models.ssl import PretrainConfig
+
+    overrides: dict[str, Any] = dict(
+        method=params.method, backbone=params.backbone, resolution=params.resolution, max_steps=params.steps,
+        batch_size=params.batch_size, seed=params.seed, export_fp16=params.fp16,
+        warmup_steps=min(PretrainConfig.warmup_steps, params.steps // 10),
+        checkpoint_every=max(1, min(PretrainConfig.checkpoint_every, params.steps)),
+    )
+    if params.learning_rate is not None:
+        overrides["learning_rate"] = params.learning_rate
+    return PretrainConfig(**overrides)
+
+
 def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
     """Run (or resume) one pretraining job end to end."""
     from models.checkpoints import CHECKPOINT_NAME
     from models.launch import DistributedRunError
-    from models.ssl import PretrainConfig, pretrain
+    from models.ssl import pretrain
 
     with ctx.sessions.begin() as s:
         job = begin_job(s, ctx.settings, job_id)
@@ -92,10 +107,7 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
             s.add(enc)
             s.flush()
             job.result = {**result, "encoder_id": enc.id}
-        no_room = check_capacity(ctx.settings, params.gpus) if params.gpus > 1 else None
-        if no_room is not None:
-            enc.status = "failed"
-            mark_failed(s, job, "not enough GPUs on this worker", no_room)
+        if refuse_without_devices(s, ctx.settings, job, params.gpus, enc):
             return
         mark_running(s, job)
         enc_id, tenant_id = enc.id, job.tenant_id
@@ -106,15 +118,7 @@ def pretrain_job(ctx: WorkerContext, job_id: str) -> None:
         n = download_pretraining_images(ctx, params.datasets, work / "data")
         if n == 0:
             raise ValueError("the datasets hold no images")
-        overrides: dict[str, Any] = dict(
-            method=params.method, backbone=params.backbone, resolution=params.resolution, max_steps=params.steps,
-            batch_size=params.batch_size, seed=params.seed, export_fp16=params.fp16,
-            warmup_steps=min(PretrainConfig.warmup_steps, params.steps // 10),
-            checkpoint_every=max(1, min(PretrainConfig.checkpoint_every, params.steps)),
-        )
-        if params.learning_rate is not None:
-            overrides["learning_rate"] = params.learning_rate
-        config = PretrainConfig(**overrides)
+        config = _pretrain_config(params)
         resume = (ckpt / CHECKPOINT_NAME).is_file()
         if resume:
             with ctx.sessions.begin() as s:

@@ -15,8 +15,8 @@ from typing import Any
 
 from app.db.orm import Dataset, Generator
 from app.storage.base import tenant_key
-from models.callbacks import Canceled
-from worker.multi_gpu import check_capacity, retry_after_rank_failure, run_on_ranks
+from models.callbacks import Canceled, OnStep
+from worker.multi_gpu import refuse_without_devices, retry_after_rank_failure, run_on_ranks
 from worker.runtime import (
     WorkerContext,
     begin_job,
@@ -34,14 +34,44 @@ from worker.runtime import (
 log = logging.getLogger(__name__)
 
 
-def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
-    """Run (or resume) one generator-training job end to end."""
-    from models.checkpoints import CHECKPOINT_NAME
+def _train(ctx: WorkerContext, job_id: str, params: dict[str, Any], work: Path, ckpt: Path, resume: bool,
+           progress: OnStep) -> Any:
+    """Build the job's config and train, in this process or on ``gpus`` ranks; the training result."""
     from models.data.folders import folder_image_sizes
     from models.diffusion.config import TrainingConfig
     from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
     from models.diffusion.training import train_generator
     from models.generator_kinds import DEFAULT_AUTOENCODER_STEPS, check_image_sizes
+
+    resolution = int(params.get("resolution", 64))
+    overrides = {"max_steps": int(params.get("steps", 3000))}
+    for key in ("batch_size", "learning_rate", "seed"):
+        if params.get(key) is not None:
+            overrides[key] = params[key]
+    config: TrainingConfig | LatentGeneratorConfig
+    if params.get("kind", "pixel") == "latent":
+        check_image_sizes(resolution, folder_image_sizes(work / "data"))
+        config = LatentGeneratorConfig.for_resolution(
+            resolution, autoencoder={"max_steps": int(params.get("autoencoder_steps") or DEFAULT_AUTOENCODER_STEPS),
+                                     **({"seed": params["seed"]} if params.get("seed") is not None else {})},
+            **overrides)
+    else:
+        config = TrainingConfig().replace(resolution=resolution, **overrides)
+    gpus = int(params.get("gpus") or 1)
+    if gpus > 1:
+        task = "train_latent_generator" if isinstance(config, LatentGeneratorConfig) else "train_generator"
+        return run_on_ranks(ctx, job_id, gpus, task, data=work / "data", out=work / "out", config=config.to_dict(),
+                            ckpt=ckpt, resume=resume, on_step=progress)
+    if isinstance(config, LatentGeneratorConfig):
+        return train_latent_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
+                                      on_step=progress, device=ctx.settings.device)
+    return train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
+                           on_step=progress, device=ctx.settings.device)
+
+
+def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
+    """Run (or resume) one generator-training job end to end."""
+    from models.checkpoints import CHECKPOINT_NAME
     from models.launch import DistributedRunError
 
     with ctx.sessions.begin() as s:
@@ -61,19 +91,10 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             s.add(gen)
             s.flush()
             job.result = {**result, "generator_id": gen.id}
-        gpus = int(params.get("gpus") or 1)
-        no_room = check_capacity(ctx.settings, gpus) if gpus > 1 else None
-        if no_room is not None:
-            gen.status = "failed"
-            mark_failed(s, job, "not enough GPUs on this worker", no_room)
+        if refuse_without_devices(s, ctx.settings, job, int(params.get("gpus") or 1), gen):
             return
         mark_running(s, job)
         gen_id, tenant_id, dataset_prefix = gen.id, job.tenant_id, dataset.prefix
-    resolution = int(params.get("resolution", 64))
-    overrides = {"max_steps": int(params.get("steps", 3000))}
-    for key in ("batch_size", "learning_rate", "seed"):
-        if params.get(key) is not None:
-            overrides[key] = params[key]
     ckpt = ctx.settings.data_dir / "checkpoints" / job_id
     work = Path(tempfile.mkdtemp(prefix=f"cxrsynth-train-{job_id[:8]}-"))
     try:
@@ -84,27 +105,7 @@ def train_generator_job(ctx: WorkerContext, job_id: str) -> None:
             with ctx.sessions.begin() as s:
                 record_event(s, job_id, "resuming from the last checkpoint")
         progress = make_progress_callback(ctx, job_id)
-        latent = params.get("kind", "pixel") == "latent"
-        config: TrainingConfig | LatentGeneratorConfig
-        if latent:
-            check_image_sizes(resolution, folder_image_sizes(work / "data"))
-            config = LatentGeneratorConfig.for_resolution(
-                resolution, autoencoder={"max_steps": int(params.get("autoencoder_steps") or DEFAULT_AUTOENCODER_STEPS),
-                                         **({"seed": params["seed"]} if params.get("seed") is not None else {})},
-                **overrides)
-        else:
-            config = TrainingConfig().replace(resolution=resolution, **overrides)
-        run: Any
-        if gpus > 1:
-            run = run_on_ranks(ctx, job_id, gpus, "train_latent_generator" if latent else "train_generator",
-                               data=work / "data", out=work / "out", config=config.to_dict(), ckpt=ckpt,
-                               resume=resume, on_step=progress)
-        elif isinstance(config, LatentGeneratorConfig):
-            run = train_latent_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
-                                         on_step=progress, device=ctx.settings.device)
-        else:
-            run = train_generator(work / "data", work / "out", config, checkpoint_dir=ckpt, resume=resume,
-                                  on_step=progress, device=ctx.settings.device)
+        run = _train(ctx, job_id, params, work, ckpt, resume, progress)
         out = work / "out"
         prefix = tenant_key(tenant_id, "generators", gen_id)
         upload_folder(ctx.store, out, prefix)
