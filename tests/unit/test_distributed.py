@@ -141,6 +141,23 @@ def test_dino_two_ranks_equal_one_process(tmp_path: Path) -> None:
     assert (tmp_path / "enc" / "config.json").is_file()
 
 
+def test_latent_generator_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    # Stage 1 (autoencoder) on rank 0 while rank 1 waits for its folder; stage 2 (UNet) data-parallel.
+    from models.diffusion.latent import LatentGeneratorConfig, train_latent_generator
+
+    data = _image_folder(tmp_path / "data", size=64)
+    config = LatentGeneratorConfig.tiny(autoencoder={"max_steps": 2, "checkpoint_every": 2}, max_steps=3,
+                                        batch_size=8, checkpoint_every=3)
+    train_latent_generator(data, None, config, tmp_path / "one", device="cpu", sample_grid=False)
+    spec = make_spec("train_latent_generator", data=data, out_dir=None, config=config.to_dict(),
+                     checkpoint_dir=tmp_path / "two", resume=False, device="cpu")
+    result = launch(spec, TWO, tmp_path / "run")
+    assert result is not None and result["steps"] == 3
+    a, b = read_checkpoint(tmp_path / "one" / "unet"), read_checkpoint(tmp_path / "two" / "unet")
+    _assert_states_close(a["unet"], b["unet"], atol=1e-5)
+    assert np.allclose(a["losses"], b["losses"], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A killed rank fails the run with torchrun's report; the next run resumes from the checkpoint
 # ---------------------------------------------------------------------------------------------------
