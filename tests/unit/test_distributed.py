@@ -275,3 +275,77 @@ def test_cli_pretrain_and_train_generator_on_two_processes(tmp_path: Path) -> No
                               "--nproc-per-node", "2"])
     assert gen.exit_code == 0, gen.output
     assert (tmp_path / "gen" / "cxrsynth.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker's devices and GPU leases
+# ---------------------------------------------------------------------------------------------------
+def test_worker_devices_and_capacity(tmp_path: Path) -> None:
+    from app.core.config import Settings
+    from worker.multi_gpu import check_capacity, worker_devices
+
+    assert worker_devices(Settings(worker_gpus="")).count == 0
+    four = worker_devices(Settings(worker_gpus="0, 1,2,3"))
+    assert four.kind == "cuda" and four.ids == ("0", "1", "2", "3")
+    assert worker_devices(Settings(worker_gpus="cpu:2")) == type(four)("cpu", ("0", "1"))
+    for bad in ("0,0", "a,b", "cpu:0"):
+        with pytest.raises(ValueError, match="worker_gpus"):
+            worker_devices(Settings(worker_gpus=bad))
+    assert check_capacity(Settings(worker_gpus="0,1"), 2) is None
+    reason = check_capacity(Settings(worker_gpus=""), 2)
+    assert reason is not None and "asks for 2 GPUs" in reason and "no devices" in reason
+
+
+def test_gpu_leases_exclude_each_other(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from app.core.config import Settings
+    from worker.multi_gpu import gpu_leases
+
+    settings = Settings(data_dir=tmp_path)
+    order: list[str] = []
+    held = threading.Event()
+
+    def multi_gpu_job() -> None:
+        with gpu_leases(settings, ("1", "0")):
+            held.set()
+            time.sleep(0.3)
+            order.append("multi done")
+
+    t = threading.Thread(target=multi_gpu_job)
+    t.start()
+    held.wait(5)
+    with gpu_leases(settings, ("1",)):  # a per-GPU process waits until the multi-GPU job let GPU 1 go
+        order.append("single started")
+    t.join()
+    assert order == ["multi done", "single started"]
+
+
+def test_worker_gpus_starts_per_gpu_processes_and_the_multi_gpu_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cxrsynth worker --gpus 0,1``: the process plan (no GPU here, so the Celery processes are recorded,
+    not started)."""
+    from typer.testing import CliRunner
+
+    import app.cli as cli
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class Recorded:
+        def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+            started.append((cmd, env or {}))
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Recorded)
+    monkeypatch.setattr("app.db.session.migrate", lambda url: None)
+    result = CliRunner().invoke(cli.app, ["worker", "--gpus", "0,1"])
+    assert result.exit_code == 0, result.output
+    per_gpu = [(c, e) for c, e in started if e.get("CXRSYNTH_LEASED_GPU")]
+    assert [e["CUDA_VISIBLE_DEVICES"] for _c, e in per_gpu] == ["0", "1"]
+    assert all(c[c.index("-Q") + 1] == "gpu,cpu" for c, _e in per_gpu)
+    multi = [(c, e) for c, e in started if c[c.index("-Q") + 1] == "gpus"]
+    assert len(multi) == 1 and multi[0][1]["CXRSYNTH_WORKER_GPUS"] == "0,1"
+    bad = CliRunner().invoke(cli.app, ["worker", "--gpus", "0,x"])
+    assert bad.exit_code == 2 and "worker_gpus" in bad.output
