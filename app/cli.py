@@ -198,9 +198,9 @@ def worker_cmd(
     """Run Celery worker(s). With --gpus, each GPU gets its own process with CUDA_VISIBLE_DEVICES set,
     so CUDA is initialised only in that child; one more process consumes the multi-GPU queue and trains
     such jobs over all listed GPUs (GPU leases keep it and the per-GPU processes off each other's GPUs)."""
+    from app.core.devices import LEASED_GPU_ENV, worker_devices
     from app.core.queue import MULTI_GPU_QUEUE
     from app.db.session import migrate
-    from worker.multi_gpu import LEASED_GPU_ENV, worker_devices
 
     settings = get_settings()
     migrate(settings.database_url)

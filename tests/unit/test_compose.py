@@ -84,7 +84,7 @@ def test_worker_reserves_a_gpu_and_runs_the_worker() -> None:
 
 
 def test_multi_gpu_worker_is_opt_in_and_owns_its_gpus() -> None:
-    from worker.multi_gpu import worker_devices
+    from app.core.devices import worker_devices
 
     multi = SERVICES["worker-multigpu"]
     assert multi["profiles"] == ["multi-gpu"]  # `docker compose up` alone does not start it

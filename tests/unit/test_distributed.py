@@ -282,7 +282,8 @@ def test_cli_pretrain_and_train_generator_on_two_processes(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------------------------------
 def test_worker_devices_and_capacity(tmp_path: Path) -> None:
     from app.core.config import Settings
-    from worker.multi_gpu import check_capacity, worker_devices
+    from app.core.devices import worker_devices
+    from worker.multi_gpu import check_capacity
 
     assert worker_devices(Settings(worker_gpus="")).count == 0
     four = worker_devices(Settings(worker_gpus="0, 1,2,3"))
