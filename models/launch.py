@@ -144,7 +144,7 @@ def root_cause(log_text: str, limit: int = 1500) -> str:
     marker = log_text.rfind("Root Cause")
     if marker >= 0:
         block = log_text[marker:]
-        end = block.find("=" * 20, block.find("\n", block.find("-" * 10)))
+        end = block.find("=" * 20)  # torchrun closes the report with a rule of '='
         text = block[:end] if end > 0 else block
     else:
         text = log_text[-limit:]
