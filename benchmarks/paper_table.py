@@ -1595,6 +1595,7 @@ class Setup:
     run_dir: Path
     cells: CellStore
     command: str
+    commit: str = field(default_factory=commit)  # of the code that runs: taken at the start, not at the end
 
 
 def setup(args: argparse.Namespace, argv: list[str] | None) -> Setup:
@@ -1811,7 +1812,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fractions = sorted(set(fractions) | {cell["label_fraction"]})
     pre = {**merged_pre, **pre}
     doc: dict[str, Any] = {
-        "benchmark": "", "command": s.command, "commit": commit(), "machine": machine(),
+        "benchmark": "", "command": s.command, "commit": s.commit, "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "profile": {**json.loads(json.dumps(dataclasses.asdict(s.profile), default=list)),
                     "fingerprint": s.profile.fingerprint()},
