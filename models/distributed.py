@@ -154,9 +154,3 @@ def broadcast_from_main(obj: T, w: World) -> T:
     box: list[Any] = [obj if w.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[no-any-return]
-
-
-def barrier(w: World) -> None:
-    """Wait for every rank (no-op in one process)."""
-    if w.distributed:
-        dist.barrier()
