@@ -1498,11 +1498,19 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     cfg = read_encoder_config(encoder_dir(run_dir, backbone, best))
     groups = sorted((g for g in agg.values() if g["backbone"] == backbone and g["arm"] == best),
                     key=lambda g: (g["task"], g["mode"], g["label_fraction"]))
-    rows = ["| task | mode | labels | seeds | metric | test value [95% CI] |", "|---|---|---|---|---|---|"]
+    # The same cells of the yardsticks beside it: what a hospital gains over training from scratch, over SSL on
+    # real images, and over logistic regression on raw pixels (linear probe only).
+    others = [a for a in ("scratch", "real", "raw-pixels") if any(g["arm"] == a for g in agg.values())]
+    names = {"scratch": "scratch", "real": "SSL on real", "raw-pixels": "raw pixels"}
+    rows = ["| task | mode | labels | seeds | metric | this encoder [95% CI] | "
+            + " | ".join(names[a] for a in others) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(others)]
     for g in groups:
         metric = PRIMARY[g["task"]]
+        beside = [agg.get(group_key(backbone, a, g["task"], g["mode"], g["label_fraction"])) for a in others]
         rows.append(f"| {g['task']} | {g['mode']} | {g['label_fraction']:.0%} | {len(g['seeds'])} | {metric} | "
-                    f"{_fmt(g['metrics'][metric])} |")
+                    f"{_fmt(g['metrics'][metric])} | "
+                    + " | ".join(_fmt(o["metrics"][metric]) if o else "—" for o in beside) + " |")
     notes = "\n".join([
         f"Pretrained on synthetic images only ({cfg['pretraining']['data']['num_images']:,} images); no real "
         f"image was used in pretraining. {synthetic_words(doc['synthetic'], doc['profile']['synthetic_multiplier'])} "

@@ -151,6 +151,7 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
                if t.is_floating_point())
     card = (folder / "README.md").read_text()
     assert "no real image was used in pretraining" in card and "| classification | linear | 100% | 1 | auc |" in card
+    assert "| this encoder [95% CI] | scratch |" in card  # the yardsticks stand beside it
     assert load_encoder(folder)(torch.zeros(1, 1, 32, 32)).shape == (1, 64)
 
     settings = Settings(_env_file=None, data_dir=tmp_path / "state",  # type: ignore[call-arg]
