@@ -1757,15 +1757,26 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
             raise SystemExit(f"--merge {path}: profile fingerprint {fp!r} is not this run's "
                              f"{s.profile.fingerprint()!r} ({s.profile.name}); its cells would mix settings")
         _check_same_split(path, doc, split)
-        added = [k for k in doc.get("cells", {}) if k not in s.cells]
+        # Cells are keyed without their synthetic source: a document whose synthetic arms read another export
+        # must not stand in for the synthetic arms this run computes (they would be skipped as done).
+        foreign = bool(set(s.arms) & set(SYNTHETIC_ARMS)) and _source_tag(doc.get("run_dir", "")) != \
+            _source_tag(s.run_dir)
+        kept = {k: c for k, c in doc.get("cells", {}).items() if not (foreign and k.split("|")[1] in SYNTHETIC_ARMS)}
+        added = [k for k in kept if k not in s.cells]
         for key in added:
-            s.cells.put(key, doc["cells"][key])
+            s.cells.put(key, kept[key])
         for key, record in doc.get("pretraining", {}).items():
-            pre.setdefault(key, record)
+            if not (foreign and key.split("|")[1] in SYNTHETIC_ARMS):
+                pre.setdefault(key, record)
         sources.append({"file": str(path), "commit": doc.get("commit"), "date": doc.get("date"),
                         "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
-                        "cells_added": len(added)})
+                        "cells_added": len(added), "synthetic_cells_left_out": len(doc.get("cells", {})) - len(kept)})
     return pre, sources
+
+
+def _source_tag(run_dir: str | Path) -> str:
+    """The synthetic source part of a run folder's name (``wds<identity>`` or ``gen<generator fingerprint>``)."""
+    return Path(run_dir).name.rsplit("-", 1)[-1]
 
 
 def _check_same_split(path: str, doc: dict[str, Any], split: dict[str, Any]) -> None:
@@ -1813,8 +1824,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms, tasks, modes, fractions = s.arms, s.tasks, s.modes, s.fractions
     for m in merged:  # the merged documents' cells join the table, and their arms its rows
         doc_cells = json.loads(Path(m["file"]).read_text())["cells"]
-        selected.update({k: s.cells.cells[k] for k in doc_cells if k not in selected})
-        arms = _union(arms, m["arms"] or [])
+        selected.update({k: s.cells.cells[k] for k in doc_cells if k not in selected and k in s.cells})
+        arms = _union(arms, [a for a in m["arms"] or [] if any(c["arm"] == a for c in selected.values())])
     for cell in selected.values():
         tasks, modes = _union(tasks, [cell["task"]]), _union(modes, [cell["mode"]])
         fractions = sorted(set(fractions) | {cell["label_fraction"]})

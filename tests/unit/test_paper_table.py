@@ -114,6 +114,24 @@ def test_a_table_grows_across_runs_by_merging_earlier_results(run: dict[str, Any
                  "--cache-dir", str(root / "cache-elsewhere"), "--merge", str(root / "other.json")])
 
 
+def test_merged_synthetic_cells_of_another_source_never_stand_in(run: dict[str, Any]) -> None:
+    """Cell keys do not name the synthetic export: a document whose synthetic arm read another export joins
+    a run that computes the synthetic arm with its other arms only, so the new arm is computed, not skipped."""
+    root, earlier = run["root"], run["root"] / "out" / "paper_table-smoke.json"
+    data_dir = run["args"][run["args"].index("--data-dir") + 1]
+    other = json.loads(earlier.read_text())
+    other["run_dir"] = other["run_dir"].rsplit("-", 1)[0] + "-wds00000000"  # as if from another export
+    (root / "other-source.json").write_text(json.dumps(other))
+    base = ["--profile", "smoke", "--tasks", "classification", "--modes", "linear", "--fractions", "1",
+            "--data-dir", data_dir, "--plan-only", "--merge", str(root / "other-source.json")]
+    n_syn = sum(1 for k in other["cells"] if k.split("|")[1] in pt.SYNTHETIC_ARMS)
+    assert n_syn > 0
+    plan = pt.main([*base, "--arms", "synthetic,scratch", "--cache-dir", str(root / "cache-source-a")])
+    assert plan["cells"] == 2 and plan["cells_cached"] == 1  # scratch came with the document, synthetic did not
+    plan = pt.main([*base, "--arms", "scratch", "--cache-dir", str(root / "cache-source-b")])
+    assert plan["cells_cached"] == 1  # no synthetic arm here: nothing to confuse, the document joins whole
+
+
 def test_seeds_below_full_labels_are_distinct_cells(run: dict[str, Any]) -> None:
     root = run["root"]
     doc = pt.main(["--profile", "smoke", "--arms", "scratch,raw-pixels", "--tasks", "classification", "--modes",
