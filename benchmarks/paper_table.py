@@ -1372,7 +1372,21 @@ def _header(doc: dict[str, Any]) -> list[str]:
             "(cached parts included)", f"- profile: {p['note']}",
             f"- seeds: label fractions below 100% run at evaluation seeds {seeds} (label subsample, head "
             "initialisation, batch order and validation patients; the same encoder); 100% at seed 0. Values below "
-            f"100% are the {SEED_CI_WORDS}. A single seed shows its own bootstrap CI.", ""]
+            f"100% are the {SEED_CI_WORDS}. A single seed shows its own bootstrap CI.",
+            *_provenance_lines(doc), ""]
+
+
+def _provenance_lines(doc: dict[str, Any]) -> list[str]:
+    """``--note`` of this run and of the documents merged into it: how and where each part was computed."""
+    lines = [f"- provenance: {doc['provenance_note']}"] if doc.get("provenance_note") else []
+    for m in doc.get("merged_from", []):
+        if m.get("provenance_note"):
+            left = m.get("synthetic_cells_left_out") or 0
+            lines.append(f"- provenance of merged `{m['file']}` (commit {m['commit']}, arms "
+                         f"{', '.join(m.get('arms') or [])}"
+                         + (f"; its {left} synthetic-arm cells, from another export, left out" if left else "")
+                         + f"): {m['provenance_note']}")
+    return lines
 
 
 def _data_section(doc: dict[str, Any]) -> list[str]:
@@ -1580,6 +1594,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and ETA, run nothing")
     ap.add_argument("--probe", action="store_true", help="time each component, write the probe JSON, stop")
+    ap.add_argument("--note", default="", help="how this run was made (e.g. what else the machine ran, which "
+                                               "cached parts came from where): kept in the JSON and the table")
     ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
                     help="results JSON of an earlier run of the same profile (e.g. a committed docs/results/"
                          "paper_table-cpu-12.json): its cells and pretraining records join this run's, so a "
@@ -1770,6 +1786,7 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
                 pre.setdefault(key, record)
         sources.append({"file": str(path), "commit": doc.get("commit"), "date": doc.get("date"),
                         "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
+                        "provenance_note": doc.get("provenance_note"),
                         "cells_added": len(added), "synthetic_cells_left_out": len(doc.get("cells", {})) - len(kept)})
     return pre, sources
 
@@ -1843,7 +1860,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compute_seconds": {"cells": round(sum(c["wall_seconds"] for c in selected.values()), 1),
                             "ssl": round(sum(p["wall_seconds"] for p in pre.values()), 1)},
         "eta_predicted": {k: round(v, 1) for k, v in plan["eta"].items()}, "rate_source": plan["rate_source"],
-        "torch_threads": torch.get_num_threads(), "caveat": CAVEAT,
+        "torch_threads": torch.get_num_threads(), "caveat": CAVEAT, "provenance_note": args.note or None,
     }
     return write_outputs(s, args, doc, _log)
 

@@ -98,14 +98,14 @@ def test_a_table_grows_across_runs_by_merging_earlier_results(run: dict[str, Any
     doc = pt.main(["--profile", "smoke", "--arms", "scratch", "--tasks", "classification", "--modes", "linear",
                    "--fractions", "1", "--threads", "1", "--no-export", "--data-dir", data_dir,
                    "--cache-dir", str(root / "cache-elsewhere"), "--out-dir", str(root / "out-merged"),
-                   "--merge", str(earlier)])
+                   "--merge", str(earlier), "--note", "scratch redone on machine B"])
     assert doc["cells_computed_this_run"] == 0  # the scratch cell came with the merged document
     earlier_cells = json.loads(earlier.read_text())["cells"]  # (another test may have rewritten a cell's timing)
     assert doc["cells"] == earlier_cells and set(doc["pretraining"]) == set(run["doc"]["pretraining"])
     assert doc["merged_from"][0]["cells_added"] == len(earlier_cells)
     assert set(doc["selection"]["arms"]) == {"scratch", "real", "synthetic", "raw-pixels"}
     md = (root / "out-merged" / "paper_table-smoke.md").read_text()
-    assert "| synthetic | finetune | " in md
+    assert "| synthetic | finetune | " in md and "- provenance: scratch redone on machine B" in md
     other = json.loads(earlier.read_text())
     other["profile"]["fingerprint"] = "0000000000"
     (root / "other.json").write_text(json.dumps(other))
