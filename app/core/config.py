@@ -53,7 +53,9 @@ class Settings(BaseSettings):
                                        description="Web console login lifetime (signed cookie).")
 
     # --- limits --------------------------------------------------------------------------------
-    max_images_per_job: int = Field(default=10_000, ge=1)
+    max_images_per_job: int = Field(default=10_000, ge=1, description="Most images one generation job may ask for "
+                                    "(larger n or counts get a 422); raise it for a large pretraining set, e.g. "
+                                    "20000.")
     max_jobs_in_flight_per_tenant: int = Field(default=8, ge=1)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_upload_files: int = Field(default=200_000, ge=1)
