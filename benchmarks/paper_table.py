@@ -1489,11 +1489,20 @@ def _plot_panel(ax: Any, agg: dict[str, dict[str, Any]], backbone: str, arms: Se
     ax.grid(alpha=0.3)
 
 
-def arm_score(aggregated: dict[str, dict[str, Any]], backbone: str, arm: str) -> float:
-    """Mean primary metric (AUC, Dice; each cell's mean over seeds) over the arm's cells: how the shipped
-    encoder is chosen."""
+def _slots(aggregated: dict[str, dict[str, Any]], backbone: str, arm: str) -> set[tuple[str, str, float]]:
+    """The (task, mode, label fraction) groups an arm has results for."""
+    return {(g["task"], g["mode"], g["label_fraction"]) for g in aggregated.values()
+            if g["backbone"] == backbone and g["arm"] == arm}
+
+
+def arm_score(aggregated: dict[str, dict[str, Any]], backbone: str, arm: str,
+              slots: set[tuple[str, str, float]] | None = None) -> float:
+    """Mean primary metric (AUC, Dice; each cell's mean over seeds) over the arm's cells, or over ``slots`` of
+    them (the groups every candidate has, so an arm missing its low-Dice cells does not win by absence): how
+    the shipped encoder is chosen."""
     vals = [g["metrics"][PRIMARY[g["task"]]]["value"] for g in aggregated.values()
-            if g["backbone"] == backbone and g["arm"] == arm]
+            if g["backbone"] == backbone and g["arm"] == arm
+            and (slots is None or (g["task"], g["mode"], g["label_fraction"]) in slots)]
     vals = [v for v in vals if v == v]
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -1504,7 +1513,9 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     from models.ssl import export_encoder, load_encoder, read_encoder_config
 
     agg = doc["aggregated"]
-    scores = {arm: arm_score(agg, backbone, arm) for arm in NO_REAL_ARMS if arm in doc["selection"]["arms"]}
+    candidates = [arm for arm in NO_REAL_ARMS if arm in doc["selection"]["arms"] and _slots(agg, backbone, arm)]
+    common = set.intersection(*(_slots(agg, backbone, a) for a in candidates)) if candidates else set()
+    scores = {arm: arm_score(agg, backbone, arm, common) for arm in candidates}
     scores = {a: s for a, s in scores.items() if s == s}
     if not scores:
         raise SystemExit("no arm without real images was evaluated: nothing to export")
@@ -1529,7 +1540,7 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
         f"Pretrained on synthetic images only ({cfg['pretraining']['data']['num_images']:,} images); no real "
         f"image was used in pretraining. {synthetic_words(doc['synthetic'], doc['profile']['synthetic_multiplier'])} "
         f"Chosen as arm `{best}` of `benchmarks/paper_table.py` (profile {doc['profile']['name']}), the best of "
-        f"{sorted(scores)} by mean test AUC / Dice over its cells.", "",
+        f"{sorted(scores)} by mean test AUC / Dice over the {len(common)} cell groups they all have.", "",
         f"Evaluated with `models.evaluation` on a patient-level test split of Kermany / lung-seg "
         f"({doc['data']['cls_test']['images']} test images, {doc['data']['seg_test']['pairs']} test pairs); "
         f"below 100% labels the {SEED_CI_WORDS}:", "",
@@ -1548,7 +1559,8 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     }
     (out / "config.json").write_text(json.dumps(exported, indent=2) + "\n")
     size_mb = (out / "model.safetensors").stat().st_size / 2**20
-    return {"arm": best, "score": scores[best], "scores": scores, "path": _display(out), "size_mb": round(size_mb, 1)}
+    return {"arm": best, "score": scores[best], "scores": scores, "scored_groups": len(common), "path": _display(out),
+            "size_mb": round(size_mb, 1)}
 
 
 def _display(path: Path) -> str:

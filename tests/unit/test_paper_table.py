@@ -302,6 +302,22 @@ def test_seed_aggregation_on_hand_made_cells() -> None:
     assert (hd95["value"], hd95["low"], hd95["high"]) == pytest.approx((5.0, 1.0, 9.0))
 
 
+def test_arms_are_compared_on_the_groups_they_all_have() -> None:
+    """An arm whose segmentation cells are not run yet must not win by their absence (Dice < AUC)."""
+    def group(arm: str, task: str, value: float) -> dict[str, Any]:
+        metric = pt.PRIMARY[task]
+        return {"backbone": "resnet18", "arm": arm, "task": task, "mode": "linear", "label_fraction": 0.1,
+                "metrics": {metric: {"value": value, "low": value, "high": value}}}
+
+    agg = {"a": group("synthetic", "classification", 0.97), "b": group("synthetic", "segmentation", 0.80),
+           "c": group("synthetic-4x", "classification", 0.95)}
+    assert pt.arm_score(agg, "resnet18", "synthetic-4x") > pt.arm_score(agg, "resnet18", "synthetic")  # unfair
+    common = pt._slots(agg, "resnet18", "synthetic") & pt._slots(agg, "resnet18", "synthetic-4x")
+    assert common == {("classification", "linear", 0.1)}
+    assert pt.arm_score(agg, "resnet18", "synthetic", common) == pytest.approx(0.97)
+    assert pt.arm_score(agg, "resnet18", "synthetic-4x", common) == pytest.approx(0.95)
+
+
 # --------------------------------------------------------------------------------------------------
 # Raw-pixel baseline
 # --------------------------------------------------------------------------------------------------
