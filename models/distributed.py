@@ -91,9 +91,17 @@ def init_from_env(device: str = "auto") -> tuple[World, str]:
     return world(), device
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when none is up)."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (no-op when none is up).
+
+    ``barrier=True`` (every rank finished its work the same way): wait for all ranks first, so no rank tears
+    down its gloo connections while a peer still uses them; gloo's transport thread aborts the peer
+    (``terminate called after throwing gloo::IoException``) when that happens. Never after a failure: a
+    barrier with a dead peer would wait out the process-group timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

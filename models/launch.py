@@ -139,16 +139,30 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def root_cause(log_text: str, limit: int = 1500) -> str:
-    """torchrun's "Root Cause" report of a failed run (rank, exit code, signal, traceback), else the log's tail."""
+def root_cause(log_text: str, limit: int = 1500, context_lines: int = 20) -> str:
+    """torchrun's "Root Cause" report of a failed run (rank, exit code, signal, traceback), else the log's tail.
+
+    A rank killed by a signal (a C++ abort, the OOM killer) has no Python traceback in the report, only
+    ``traceback : Signal N``: the ranks' last output lines before the report (e.g. ``terminate called after
+    throwing ...``) are then appended, because they are the only trace of what went wrong.
+    """
     marker = log_text.rfind("Root Cause")
-    if marker >= 0:
-        block = log_text[marker:]
-        end = block.find("=" * 20)  # torchrun closes the report with a rule of '='
-        text = block[:end] if end > 0 else block
-    else:
-        text = log_text[-limit:]
-    return text.strip()[-limit:]
+    if marker < 0:
+        return log_text[-limit:].strip()
+    block = log_text[marker:]
+    end = block.find("=" * 20)  # torchrun closes the report with a rule of '='
+    report = (block[:end] if end > 0 else block).strip()[-limit:]
+    if "traceback : Signal" not in report:
+        return report
+    # What precedes the report: the ranks' output, then torchrun's own "failed (exitcode: ...)" log line
+    # and launcher traceback, which say nothing new and are cut off.
+    head = log_text[:marker]
+    cut = head.find("failed (exitcode")
+    head = head[:head.rfind("\n", 0, cut) + 1] if cut >= 0 else head[:head.rfind("=" * 20) + 1]
+    before = [line for line in head.splitlines() if line.strip() and set(line.strip()) != {"="}][-context_lines:]
+    if not before:
+        return report
+    return report + "\n\nlast output of the ranks before the report:\n" + "\n".join(before)[-limit:]
 
 
 def _relay(files: RunFiles, last: tuple[int, int, str] | None, on_step: OnStep) -> tuple[int, int, str] | None:
@@ -261,6 +275,7 @@ def run_rank(spec_path: str | Path) -> None:
     if task is None:
         raise ValueError(f"unknown launch task {spec['task']!r}; known: {', '.join(TASKS)}")
     w, device = init_from_env(spec["device"])
+    finished = False  # done or canceled: every rank got here at the same step (models.distributed.agree)
     try:
         try:
             result = task(spec, device, _rank0_progress(files) if w.main else no_progress)
@@ -269,8 +284,9 @@ def run_rank(spec_path: str | Path) -> None:
             record = {"status": "canceled"}
         if w.main:
             _write_json_atomic(files.result, {**record, "world_size": w.size})
+        finished = True
     finally:
-        shutdown()
+        shutdown(barrier=finished)
 
 
 def main(argv: list[str] | None = None) -> None:

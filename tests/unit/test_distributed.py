@@ -104,6 +104,23 @@ def test_root_cause_is_torchruns_report() -> None:
     assert text.startswith("Root Cause") and "rank      : 1" in text and "exitcode  : -9" in text
 
 
+
+def test_root_cause_of_a_signalled_rank_keeps_the_ranks_last_words() -> None:
+    # A C++ abort leaves no Python traceback in the report: the rank's own last lines are the only clue.
+    rule = "=" * 40
+    log = ("step 3\nterminate called after throwing an instance of 'gloo::IoException'\n  what():  closed by peer\n"
+           "E1207 api.py:882] failed (exitcode: -6) local_rank: 1 (pid: 42)\nTraceback (most recent call last):\n"
+           "  File \"run.py\"\nChildFailedError:\n" + rule + "\nmodels.launch FAILED\n" + "-" * 40 +
+           "\nRoot Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : -6 (pid: 42)\n"
+           "  traceback : Signal 6 (SIGABRT) received by PID 42\n" + rule + "\n")
+    text = root_cause(log)
+    assert text.startswith("Root Cause") and "Signal 6" in text
+    assert "gloo::IoException" in text and "closed by peer" in text
+    assert "ChildFailedError" not in text and "run.py" not in text  # torchrun's own traceback is cut off
+    # a rank that raised keeps the report alone (its traceback is in it)
+    raised = log.replace("  traceback : Signal 6 (SIGABRT) received by PID 42", "  traceback : ValueError: bad")
+    assert "gloo" not in root_cause(raised)
+
 # ---------------------------------------------------------------------------------------------------
 # Two ranks = one process at the same global batch
 # ---------------------------------------------------------------------------------------------------
