@@ -33,11 +33,24 @@ def machine() -> dict[str, Any]:
     try:
         import torch
 
+        from models.device import cpu_bf16_supported
+
         info["torch"] = torch.__version__
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        # The same "AMD EPYC" name covers AVX2-only and AVX512-BF16 parts here, 2-4x apart in fp32/bf16
+        # speed: the vector ISA torch dispatches to and native bf16 tell them apart in every figure.
+        info["cpu_isa"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_bf16_native"] = cpu_bf16_supported()
     except ImportError:
         info["gpu"] = None
     return info
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """One line naming a ``machine()`` record: CPU, its ISA and bf16 support, cores, GPU, torch."""
+    isa = f" ({m['cpu_isa']}{', native bf16' if m.get('cpu_bf16_native') else ''})" if m.get("cpu_isa") else ""
+    torch_version = f", torch {m['torch']}" if m.get("torch") else ""
+    return f"{m.get('cpu')}{isa}, {m.get('cpu_count')} cores, GPU {m.get('gpu') or 'none'}{torch_version}"
 
 
 def commit() -> str:

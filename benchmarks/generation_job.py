@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, write_result
+from benchmarks._common import RESULTS_DIR, machine_line, write_result
 
 
 def cli() -> str:
@@ -135,8 +135,7 @@ def markdown(doc: dict[str, Any]) -> str:
          if doc.get("export") else "not run"),
     ]
     head = [f"# Generation job: {ds.get('num_images')} images", "", f"- command: `{doc['command']}`",
-            f"- commit: `{doc['commit']}`", f"- machine: {doc['machine'].get('cpu')}, "
-            f"{doc['machine'].get('cpu_count')} cores, GPU {doc['machine'].get('gpu') or 'none'}",
+            f"- commit: `{doc['commit']}`", f"- machine: {machine_line(doc['machine'])}",
             f"- threads / precision: OMP_NUM_THREADS={doc['env'].get('OMP_NUM_THREADS')}, "
             f"CXRSYNTH_GENERATION_CPU_BF16={doc['env'].get('CXRSYNTH_GENERATION_CPU_BF16')}",
             f"- params: {json.dumps(doc['params'])}", "", "| measure | value |", "|---|---|"]

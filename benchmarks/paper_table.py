@@ -92,7 +92,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO_ROOT, RESULTS_DIR, commit, machine, write_result
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, commit, machine, machine_line, write_result
 from models.ssl.shards import LocalShards, ShardCount, ShardIndex, ShardSource
 
 TASKS = ("classification", "segmentation")
@@ -1365,8 +1365,7 @@ def _header(doc: dict[str, Any]) -> list[str]:
     seeds = ", ".join(str(s) for s in p["seeds_small_fractions"])
     return [f"# Paper table: SSL on synthetic vs real chest X-rays ({p['name']})", "",
             f"- command: `{doc['command']}`", f"- commit: `{doc['commit']}`",
-            f"- machine: {doc['machine'].get('cpu')}, {doc['machine'].get('cpu_count')} cores, "
-            f"GPU {doc['machine'].get('gpu') or 'none'}, torch {doc['machine'].get('torch')}",
+            f"- machine: {machine_line(doc['machine'])}",
             f"- date: {doc['date']}; this invocation {doc['timings']['total_s'] / 60:.1f} min; compute of all "
             f"cells {doc['compute_seconds']['cells'] / 60:.1f} min + SSL {doc['compute_seconds']['ssl'] / 60:.1f} min "
             "(cached parts included)", f"- profile: {p['note']}",
