@@ -1506,6 +1506,17 @@ def arm_score(aggregated: dict[str, dict[str, Any]], backbone: str, arm: str,
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _budget_words(doc: dict[str, Any], backbone: str, arm: str, cfg: dict[str, Any]) -> str:
+    """The pretraining budget of the shipped arm, for its card: steps, batch, image-views and wall time."""
+    run = doc.get("pretraining", {}).get(f"{backbone}|{arm}", {})
+    steps = int(run.get("steps", cfg["pretraining"].get("steps", 0)))
+    batch = int(cfg["pretraining"].get("batch_size") or doc["profile"].get("ssl_batch") or 0)
+    views = f" = {steps * batch:,} image-views" if batch else ""
+    wall = f", {run['wall_seconds'] / 60:.0f} min of wall time on the machine below" if run.get("wall_seconds") else ""
+    return (f"Budget: {cfg['method']} on {cfg['architecture']} at {cfg['resolution']} px, {steps:,} steps of batch "
+            f"{batch}{views}{wall}.")
+
+
 def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, export_dir: Path) -> dict[str, Any]:
     """Export the best arm without real images in pretraining (fp16, model card with its results) to
     ``export_dir``; ``config.json`` carries the results as ``metrics`` (shown by ``GET /v1/encoders``)."""
@@ -1540,11 +1551,13 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
         f"image was used in pretraining. {synthetic_words(doc['synthetic'], doc['profile']['synthetic_multiplier'])} "
         f"Chosen as arm `{best}` of `benchmarks/paper_table.py` (profile {doc['profile']['name']}), the best of "
         f"{sorted(scores)} by mean test AUC / Dice over the {len(common)} cell groups they all have.", "",
+        _budget_words(doc, backbone, best, cfg), "",
         f"Evaluated with `models.evaluation` on a patient-level test split of Kermany / lung-seg "
         f"({doc['data']['cls_test']['images']} test images, {doc['data']['seg_test']['pairs']} test pairs); "
         f"below 100% labels the {SEED_CI_WORDS}:", "",
         *rows, "",
-        f"Command `{doc['command']}`, commit `{doc['commit']}`, {doc['machine'].get('cpu')}. {CAVEAT}",
+        f"Command `{doc['command']}`, commit `{doc['commit']}`, {machine_line(doc['machine'])}. {CAVEAT}",
+        *([f"Provenance: {doc['provenance_note']}"] if doc.get("provenance_note") else []),
     ])
     out = export_encoder(export_dir, load_encoder(encoder_dir(run_dir, backbone, best)),
                          model_name=cfg["architecture"], timm_kwargs=cfg["timm_kwargs"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,9 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
     card = (folder / "README.md").read_text()
     assert "no real image was used in pretraining" in card and "| classification | linear | 100% | 1 | auc |" in card
     assert "| this encoder [95% CI] | scratch |" in card  # the yardsticks stand beside it
+    steps = run["doc"]["pretraining"][f"resnet18|{shipped['arm']}"]["steps"]
+    assert re.search(rf"Budget: \w+ on resnet18 at 32 px, {steps:,} steps of batch \d+ = [\d,]+ image-views, "
+                     r"\d+ min of wall time", card), card  # the card states what the encoder cost
     assert load_encoder(folder)(torch.zeros(1, 1, 32, 32)).shape == (1, 64)
 
     settings = Settings(_env_file=None, data_dir=tmp_path / "state",  # type: ignore[call-arg]
