@@ -1617,6 +1617,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and ETA, run nothing")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the table from what the run folder holds, computing nothing: arms whose SSL has not "
+                         "finished and cell groups missing a seed are left out (shown as —)")
     ap.add_argument("--probe", action="store_true", help="time each component, write the probe JSON, stop")
     ap.add_argument("--note", default="", help="how this run was made (e.g. what else the machine ran, which "
                                                "cached parts came from where): kept in the JSON and the table")
@@ -1737,6 +1740,29 @@ def pretrain_all(s: Setup, data: dict[str, Any], device: str, log: Callable[[str
     return encoders, pre, syn_info
 
 
+def restrict_to_cached(s: Setup, plan: Sequence[Cell], log: Callable[[str], None]) -> list[Cell]:
+    """``--cached-only``: drop the arms whose SSL has not finished (from ``s.arms``) and the cell groups of
+    ``plan`` with any seed not yet computed; returns the cells left (all in the cache).
+
+    Why: a long profile is cut by the end of a sitting; what finished is still worth a table, and a group
+    with some of its seeds would report a mean and CI over other seeds than its neighbours.
+    """
+    done = [a for a in s.arms if not arm_spec(a).pretrained
+            or all((encoder_dir(s.run_dir, b, a) / "config.json").is_file() for b in s.profile.backbones)]
+    if dropped := [a for a in s.arms if a not in done]:
+        log(f"--cached-only: arm(s) {', '.join(dropped)} left out (SSL not finished)")
+    s.arms = done
+    groups: dict[tuple[str, str, str, str, float], list[Cell]] = {}
+    for c in plan:
+        if c.arm in done:
+            groups.setdefault((c.backbone, c.arm, c.task, c.mode, c.fraction), []).append(c)
+    kept = [c for g in groups.values() if all(x.key in s.cells for x in g) for c in g]
+    log(f"--cached-only: {len(kept)} of {len(plan)} planned cells kept; "
+        f"{len(groups) - len({(c.backbone, c.arm, c.task, c.mode, c.fraction) for c in kept})} incomplete "
+        "group(s) left out")
+    return kept
+
+
 def evaluate_all(s: Setup, plan: Sequence[Cell], encoders: dict[str, str | Path], device: str,
                  log: Callable[[str], None]) -> int:
     """Run every cell of ``plan`` not in the cache (each stored as soon as it is done); returns how many ran."""
@@ -1852,6 +1878,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = show_plan(s, _log)
     if args.plan_only:
         return plan
+    if args.cached_only:
+        plan["plan"] = restrict_to_cached(s, plan["plan"], _log)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = prepare_data(s.profile, s.data_dir, s.run_dir)

@@ -91,6 +91,31 @@ def test_a_killed_run_continues_from_its_cells(run: dict[str, Any]) -> None:
         k: v for k, v in run["doc"]["cells"].items() if k != dropped}
 
 
+
+def test_cached_only_writes_what_finished_and_computes_nothing(run: dict[str, Any], tmp_path: Path) -> None:
+    """A sitting ends mid-run: --cached-only tables the finished part. An arm whose SSL has no encoder yet and a
+    cell group missing a cell are left out; nothing is trained or evaluated."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(run["root"] / "cache", cache)
+    run_dir = cache / "runs" / run["run_dir"].name
+    cells = json.loads((run_dir / "cells.json").read_text())
+    dropped = "resnet18|synthetic|classification|linear|1|0"
+    del cells[dropped]
+    (run_dir / "cells.json").write_text(json.dumps(cells))
+    (pt.encoder_dir(run_dir, "resnet18", "real") / "config.json").unlink()  # as if the real arm's SSL were cut
+    args = [*run["args"], "--cache-dir", str(cache), "--out-dir", str(tmp_path / "out"), "--no-export", "--cached-only"]
+    doc = pt.main(args)
+    assert doc["cells_computed_this_run"] == 0
+    assert not (pt.encoder_dir(run_dir, "resnet18", "real") / "config.json").is_file()  # no SSL was run
+    assert "real" not in doc["selection"]["arms"] and not any(c["arm"] == "real" for c in doc["cells"].values())
+    assert dropped not in doc["cells"] and "resnet18|synthetic|classification|linear|1" not in doc["aggregated"]
+    kept = {k: v for k, v in run["doc"]["cells"].items() if k != dropped and v["arm"] != "real"}
+    assert doc["cells"] == kept
+    md = (tmp_path / "out" / "paper_table-smoke.md").read_text()
+    assert "| synthetic | linear | — |" in md
+
 def test_a_table_grows_across_runs_by_merging_earlier_results(run: dict[str, Any]) -> None:
     """Another machine (a fresh cache, so a fresh run folder) runs one arm and merges the committed JSON of
     the earlier run: the table holds both, and only the new arm's cells are computed."""
