@@ -1347,7 +1347,10 @@ def synthetic_words(syn: dict[str, Any], multiplier: int) -> str:
     if syn.get("source") == "webdataset export":
         gen = syn.get("generator") or {}
         ds = syn.get("dataset") or {}
-        return (f"Synthetic: the first {syn['one_x']:,} (1x) and {syn['multiplied']:,} ({multiplier}x) of the "
+        # the 4x arm needs that many images: an export too small for it only feeds the 1x arms
+        reads = (f"the first {syn['one_x']:,} (1x) and {syn['multiplied']:,} ({multiplier}x)"
+                 if syn["multiplied"] <= syn["images_in_export"] else f"the first {syn['one_x']:,} (1x)")
+        return (f"Synthetic: {reads} of the "
                 f"{syn['images_in_export']:,} images of the WebDataset export `{syn['location']}` (dataset "
                 f"{ds.get('name') or ds.get('id') or 'not recorded'}, {ds.get('version') or 'no card'}; generator "
                 f"{gen.get('name') or gen.get('id') or 'not recorded'}; privacy gate "
@@ -1556,7 +1559,8 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
         f"({doc['data']['cls_test']['images']} test images, {doc['data']['seg_test']['pairs']} test pairs); "
         f"below 100% labels the {SEED_CI_WORDS}:", "",
         *rows, "",
-        f"Command `{doc['command']}`, commit `{doc['commit']}`, {machine_line(doc['machine'])}. {CAVEAT}",
+        f"Command `{doc['command'].split(' --note ')[0]}`, commit `{doc['commit']}`, {machine_line(doc['machine'])}. "
+        f"{CAVEAT}",
         *([f"Provenance: {doc['provenance_note']}"] if doc.get("provenance_note") else []),
     ])
     out = export_encoder(export_dir, load_encoder(encoder_dir(run_dir, backbone, best)),

@@ -510,3 +510,12 @@ def test_tar_members_are_copied_whole(tmp_path: Path) -> None:
         assert names == a.getnames()[:4]  # two samples x (cls, png)
         for name in names:
             assert b.extractfile(name).read() == a.extractfile(name).read()  # type: ignore[union-attr]
+
+
+def test_synthetic_words_never_claim_more_images_than_the_export_holds() -> None:
+    syn = {"source": "webdataset export", "one_x": 4013, "multiplied": 16052, "images_in_export": 4100,
+           "location": "wds", "dataset": {}, "generator": {}}
+    words = pt.synthetic_words(syn, 4)
+    assert "the first 4,013 (1x) of the 4,100 images" in words and "16,052" not in words
+    assert "the first 4,013 (1x) and 16,052 (4x) of the 20,000" in pt.synthetic_words(
+        {**syn, "images_in_export": 20000}, 4)
