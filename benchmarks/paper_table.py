@@ -520,6 +520,11 @@ def _sampled_synthetic(profile: Profile, generator: Path, data: dict[str, Any], 
 # --------------------------------------------------------------------------------------------------
 # Synthetic images from a WebDataset export (--synthetic), streamed
 # --------------------------------------------------------------------------------------------------
+def export_identity(basis: str) -> str:
+    """8 hex naming a synthetic source in a run folder's name (from its dataset version where known)."""
+    return hashlib.sha256(str(basis).encode()).hexdigest()[:8]
+
+
 @dataclass(frozen=True)
 class SyntheticExport:
     """The WebDataset shards given with ``--synthetic``: where they are, what they hold, the export's card."""
@@ -532,8 +537,7 @@ class SyntheticExport:
         """8 hex naming it in the run folder: from the card's dataset version (the SHA-256 of its manifest),
         else from the shard names and their sample counts."""
         version = ((self.card or {}).get("dataset") or {}).get("version")
-        basis = version or json.dumps([self.index.source.name, self.index.shards, self.index.counts])
-        return hashlib.sha256(str(basis).encode()).hexdigest()[:8]
+        return export_identity(version or json.dumps([self.index.source.name, self.index.shards, self.index.counts]))
 
     def describe(self) -> dict[str, Any]:
         """What the results record about the source (the generator and gate verdict come from the card)."""
@@ -764,6 +768,108 @@ def ssl_data(profile: Profile, run_dir: Path, data: dict[str, Any], arms: Sequen
 
 
 # --------------------------------------------------------------------------------------------------
+# Encoders given with --encoder (an arm's SSL done elsewhere, e.g. the shipped encoder)
+# --------------------------------------------------------------------------------------------------
+# Settings of PretrainConfig that change how a run executes, not what it learns
+RUNTIME_FIELDS = frozenset({"precision", "cache_limit_mb", "num_workers", "export_fp16", "checkpoint_every"})
+
+
+@dataclass(frozen=True)
+class GivenEncoder:
+    """An arm's encoder taken from an exported folder (``--encoder ARM=DIR``) instead of pretrained in this run.
+
+    Why: run folders are not kept between machines, but exported encoders are (the shipped one is committed);
+    an arm whose SSL took hours is evaluated again from its export instead of pretrained again. Its weights may
+    be fp16 (the shipped format); they are upcast when loaded, and the results record where they came from."""
+
+    arm: str
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def synthetic(self) -> dict[str, Any] | None:
+        """The synthetic source its export recorded (``metrics.synthetic``), if any."""
+        return (self.config.get("metrics") or {}).get("synthetic")
+
+    def source_tag(self) -> str | None:
+        """``wds<identity>`` of the WebDataset export it was pretrained on (None: no export recorded)."""
+        version = ((self.synthetic or {}).get("dataset") or {}).get("version")
+        return f"wds{export_identity(version)}" if version else None
+
+
+def given_encoders(specs: Sequence[str], profile: Profile, arms: Sequence[str]) -> dict[str, GivenEncoder]:
+    """Parse and check ``--encoder ARM=DIR``: a selected pretrained arm, once; an exported cxrsynth encoder of this
+    profile's backbone and SSL recipe; for a synthetic arm, one that records its WebDataset export.
+    ``SystemExit`` naming the problem otherwise (its cells would not be this arm's)."""
+    from models.ssl import read_encoder_config
+
+    given: dict[str, GivenEncoder] = {}
+    for spec in specs:
+        arm, sep, folder = spec.partition("=")
+        if not sep or not folder:
+            raise SystemExit(f"--encoder {spec!r}: expected ARM=DIR")
+        if arm not in ARMS or not arm_spec(arm).pretrained:
+            raise SystemExit(f"--encoder {spec!r}: {arm!r} is not a pretrained arm "
+                             f"({', '.join(a.name for a in ARM_SPECS if a.pretrained)})")
+        if arm not in arms:
+            raise SystemExit(f"--encoder {spec!r}: arm {arm!r} is not selected (--arms)")
+        if arm in given:
+            raise SystemExit(f"--encoder: arm {arm!r} given twice")
+        if len(profile.backbones) != 1:
+            raise SystemExit(f"--encoder needs a profile with one backbone ({profile.name} has "
+                             f"{', '.join(profile.backbones)})")
+        try:
+            cfg = read_encoder_config(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"--encoder {spec!r}: not an exported cxrsynth encoder ({exc})") from exc
+        _check_recipe(spec, cfg, profile)
+        enc = GivenEncoder(arm, Path(folder), cfg)
+        if arm in SYNTHETIC_ARMS and enc.source_tag() is None:
+            raise SystemExit(f"--encoder {spec!r}: its config records no WebDataset export (metrics.synthetic."
+                             "dataset.version), so its cells cannot be matched to a synthetic source")
+        given[arm] = enc
+    return given
+
+
+def _check_recipe(spec: str, cfg: dict[str, Any], profile: Profile) -> None:
+    """``SystemExit`` unless ``cfg`` was pretrained with this profile's recipe (runtime settings aside)."""
+    want = dataclasses.asdict(pretrain_config(profile, profile.backbones[0]))
+    have = (cfg.get("pretraining") or {}).get("config") or {}
+    differ = [k for k in sorted(want) if k not in RUNTIME_FIELDS
+              and json.dumps(want[k], default=list) != json.dumps(have.get(k), default=list)]
+    if cfg.get("architecture") != profile.backbones[0] or differ:
+        raise SystemExit(f"--encoder {spec!r}: pretrained with another recipe than profile {profile.name}'s ("
+                         + ", ".join([f"architecture {cfg.get('architecture')!r}"] * (cfg.get("architecture") !=
+                                                                                     profile.backbones[0])
+                                     + [f"{k} {have.get(k)!r} != {want[k]!r}" for k in differ]) + ")")
+
+
+def install_given_encoder(enc: GivenEncoder, run_dir: Path, backbone: str) -> None:
+    """Copy ``enc`` into the arm's encoder folder of the run (atomically); a folder already there must hold the
+    same weights (``SystemExit`` otherwise: the run's cells were computed from another encoder)."""
+    from models.ssl.export import WEIGHTS
+
+    dest = encoder_dir(run_dir, backbone, enc.arm)
+    if (dest / "config.json").is_file():
+        if _sha256(dest / WEIGHTS) != _sha256(enc.path / WEIGHTS):
+            raise SystemExit(f"--encoder {enc.arm}={enc.path}: the run folder {run_dir} already holds another "
+                             f"encoder for arm {enc.arm!r} (its cells came from it); use another --cache-dir")
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(enc.path, tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.setdefault("pretraining", {})["encoder_from"] = _display(enc.path)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
 # Pretraining and cells
 # --------------------------------------------------------------------------------------------------
 def pretrain_config(profile: Profile, backbone: str) -> Any:
@@ -797,8 +903,9 @@ def pretrain_arm(profile: Profile, backbone: str, arm: str, data: Any, run_dir: 
     out = encoder_dir(run_dir, backbone, arm)
     if (out / "config.json").is_file():
         pre = read_encoder_config(out)["pretraining"]
-        return out, {"steps": pre["steps"], "wall_seconds": pre["wall_seconds"], "images": pre["data"]["num_images"],
-                     "data": pre["data"].get("source"), "final_loss": pre.get("final_loss")}
+        record = {"steps": pre["steps"], "wall_seconds": pre["wall_seconds"], "images": pre["data"]["num_images"],
+                  "data": pre["data"].get("source"), "final_loss": pre.get("final_loss")}
+        return out, {**record, **({"encoder_from": pre["encoder_from"]} if pre.get("encoder_from") else {})}
     ckpt = run_dir / "checkpoints" / backbone / arm.replace("+", "_")
     resume = (ckpt / "checkpoint.pt").is_file()
     last = [0.0]
@@ -1401,11 +1508,25 @@ def _data_section(doc: dict[str, Any]) -> list[str]:
     for name in ("cls_train", "cls_test", "seg_train", "seg_test", "ssl_real"):
         size = d[name].get("images", d[name].get("pairs"))
         lines.append(f"| {name} | {size} | {', '.join(f'{k}: {v}' for k, v in d[name]['counts'].items())} |")
-    return [*lines, "", synthetic_words(doc["synthetic"], p["synthetic_multiplier"]), "",
+    return [*lines, "", synthetic_words(doc["synthetic"], p["synthetic_multiplier"]), *_merged_source_lines(doc), "",
             f"SSL: {p['ssl_method']}, {p['ssl_steps']} steps of batch {p['ssl_batch']} "
             f"({p['ssl_steps'] * p['ssl_batch']:,} image-views) for every pretrained arm (seed {p['seed']}). "
             f"Baseline `raw-pixels`: logistic regression on standardised {RAW_PIXELS}x{RAW_PIXELS} pixels, C chosen "
             "on the validation split (classification, linear mode only).", "", f"> {CAVEAT}", ""]
+
+
+def _merged_source_lines(doc: dict[str, Any]) -> list[str]:
+    """For each merged document whose synthetic arms read another source than this run and have cells in the
+    table: which arms, and that source (so no row is credited to the wrong export)."""
+    lines: list[str] = []
+    for m in doc.get("merged_from", []):
+        arms = [a for a in m.get("synthetic_arms_from_another_source") or []
+                if any(c["arm"] == a for c in doc["cells"].values())]
+        if arms and (m.get("synthetic") or {}).get("source") not in (None, "none (no synthetic arm selected)"):
+            words = synthetic_words(m["synthetic"], doc["profile"]["synthetic_multiplier"])
+            lines += ["", f"Arm(s) {', '.join(f'`{a}`' for a in arms)} merged from `{m['file']}`, another "
+                          f"source: {words[0].lower()}{words[1:]}"]
+    return lines
 
 
 def markdown_table(doc: dict[str, Any]) -> str:
@@ -1627,6 +1748,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--probe", action="store_true", help="time each component, write the probe JSON, stop")
     ap.add_argument("--note", default="", help="how this run was made (e.g. what else the machine ran, which "
                                                "cached parts came from where): kept in the JSON and the table")
+    ap.add_argument("--encoder", action="append", default=[], metavar="ARM=DIR",
+                    help="take ARM's encoder from an exported encoder folder (e.g. the shipped "
+                         f"{_display(SHIPPED_ENCODER)}) instead of pretraining it: it must carry this profile's "
+                         "backbone and SSL recipe (and, for a synthetic arm, its export's version), and its "
+                         "cells are computed from it; repeatable")
     ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
                     help="results JSON of an earlier run of the same profile (e.g. a committed docs/results/"
                          "paper_table-cpu-12.json): its cells and pretraining records join this run's, so a "
@@ -1651,6 +1777,7 @@ class Setup:
     cells: CellStore
     command: str
     commit: str = field(default_factory=commit)  # of the code that runs: taken at the start, not at the end
+    given: dict[str, GivenEncoder] = field(default_factory=dict)  # --encoder: arms not pretrained here
 
 
 def setup(args: argparse.Namespace, argv: list[str] | None) -> Setup:
@@ -1664,21 +1791,42 @@ def setup(args: argparse.Namespace, argv: list[str] | None) -> Setup:
     if any(not 0 < f <= 1 for f in fractions):
         raise SystemExit("fractions must be in (0, 1]")
     synthetic = open_synthetic(args.synthetic) if args.synthetic else None
-    if profile.synthetic_min_images and any(a in SYNTHETIC_ARMS for a in arms):
+    given = given_encoders(args.encoder, profile, arms)
+    to_pretrain = [a for a in arms if a in SYNTHETIC_ARMS and a not in given]  # these read synthetic images
+    if profile.synthetic_min_images and to_pretrain:
         have = synthetic.index.num_samples if synthetic else 0
         if have < profile.synthetic_min_images:
             raise SystemExit(f"profile {profile.name} pretrains its synthetic arms on a WebDataset export of at least "
                              f"{profile.synthetic_min_images:,} images: pass --synthetic PATH"
                              + (f" ({args.synthetic} holds {have:,})" if synthetic else ""))
     generator = Path(args.generator)
-    tag = f"wds{synthetic.identity()}" if synthetic else f"gen{generator_fingerprint(generator)[:8]}"
+    tag = _run_tag(synthetic, generator, given, to_pretrain)
     cache_dir = Path(args.cache_dir).expanduser()
     run_dir = cache_dir / "runs" / f"{profile.name}-{profile.fingerprint()}-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    for enc in given.values():
+        install_given_encoder(enc, run_dir, profile.backbones[0])
     return Setup(profile, arms, _csv(args.tasks, TASKS, "tasks"), _csv(args.modes, MODES, "modes"), fractions,
                  Path(args.data_dir) if args.data_dir else shared_data_dir(), generator, synthetic, cache_dir,
                  run_dir, CellStore(run_dir / "cells.json"),
-                 " ".join(["python benchmarks/paper_table.py", *(argv if argv is not None else sys.argv[1:])]))
+                 " ".join(["python benchmarks/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
+                 given=given)
+
+
+def _run_tag(synthetic: SyntheticExport | None, generator: Path, given: dict[str, GivenEncoder],
+             to_pretrain: Sequence[str]) -> str:
+    """The synthetic source part of the run folder's name: the ``--synthetic`` export, else the export the given
+    synthetic encoders were pretrained on, else the generator sampled in process. ``SystemExit`` when they
+    disagree (the run's synthetic cells would come from two sources)."""
+    tags = {enc.source_tag() for a, enc in given.items() if a in SYNTHETIC_ARMS}
+    if synthetic is not None:
+        tags.add(f"wds{synthetic.identity()}")
+    elif to_pretrain or not tags:
+        tags.add(f"gen{generator_fingerprint(generator)[:8]}")
+    if len(tags) > 1:
+        raise SystemExit(f"the synthetic arms of one run must share their source: --encoder and --synthetic name "
+                         f"{len(tags)} ({', '.join(sorted(str(t) for t in tags))}); run them separately and --merge")
+    return str(tags.pop())
 
 
 def _log(message: str) -> None:
@@ -1703,15 +1851,18 @@ def show_plan(s: Setup, log: Callable[[str], None]) -> dict[str, Any]:
     ssl_left = [(b, a) for b in p.backbones for a in s.arms
                 if arm_spec(a).pretrained and not (encoder_dir(s.run_dir, b, a) / "config.json").is_file()]
     syn_total = sizes["ssl_real"] * p.synthetic_multiplier
-    sample = s.synthetic is None and any(a in SYNTHETIC_ARMS for a in s.arms) and not (
+    sample = s.synthetic is None and any(a in SYNTHETIC_ARMS and a not in s.given for a in s.arms) and not (
         s.cache_dir / "synthetic" / synthetic_cache_key(p, s.generator, syn_total) / "images.npz").is_file()
     eta = estimate(p, todo, len(ssl_left), syn_total if sample else 0, sizes, rates)
     log(f"profile {p.name} ({p.note}); run folder {s.run_dir}")
     log(f"  backbones {', '.join(p.backbones)} at {p.resolution} px (segmentation {p.segmentation_resolution} px); "
         f"arms {', '.join(s.arms)}; tasks {', '.join(s.tasks)}; modes {', '.join(s.modes)}; fractions "
         f"{', '.join(f'{f:g}' for f in s.fractions)}; seeds {p.seeds_small_fractions} below 100%")
+    reads = any(a in SYNTHETIC_ARMS and a not in s.given for a in s.arms)
     source = f"--synthetic {s.synthetic.location} ({s.synthetic.index.num_samples:,} images)" if s.synthetic else \
-        f"sampled from {s.generator.name}{'' if sample else ' (cached)'}"
+        f"sampled from {s.generator.name}{'' if sample else ' (cached)'}" if reads else "not read"
+    if s.given:
+        source += "; " + ", ".join(f"arm {a}: encoder from {_display(e.path)}" for a, e in s.given.items())
     log(f"  data: cls train {sizes['cls_train']} / test {sizes['cls_test']}, seg train {sizes['seg_train']} / test "
         f"{sizes['seg_test']}, SSL real {sizes['ssl_real']}, synthetic {sizes['ssl_real']} and {syn_total} {source}")
     log(f"  SSL {p.ssl_method} {p.ssl_steps} steps x batch {p.ssl_batch} = {p.ssl_steps * p.ssl_batch:,} image-views "
@@ -1727,17 +1878,23 @@ def pretrain_all(s: Setup, data: dict[str, Any], device: str, log: Callable[[str
     """The synthetic source's data and every selected arm's encoder: ``({backbone|arm: encoder}, pretraining
     records, synthetic source description)``."""
     t = time.perf_counter()
-    arm_data, syn_info = ssl_data(s.profile, s.run_dir, data, s.arms, s.synthetic, s.generator, s.cache_dir,
-                                  device, log)
+    arm_data, syn_info = ssl_data(s.profile, s.run_dir, data, [a for a in s.arms if a not in s.given], s.synthetic,
+                                  s.generator, s.cache_dir, device, log)
+    given_syn = [e.synthetic for a, e in s.given.items() if a in SYNTHETIC_ARMS and e.synthetic]
+    if given_syn and s.synthetic is None and not any(a in SYNTHETIC_ARMS for a in arm_data):
+        # the export itself is not read: what the given encoder recorded of it describes the source
+        n_real = int(data["ssl_real"]["images"])
+        syn_info = {**given_syn[0], "one_x": n_real, "multiplied": s.profile.synthetic_multiplier * n_real,
+                    "multiplier": s.profile.synthetic_multiplier, "described_by": "the --encoder config"}
     timings["synthetic_s"] = time.perf_counter() - t
     t = time.perf_counter()
     encoders: dict[str, str | Path] = {}
     pre: dict[str, Any] = {}
     for backbone in s.profile.backbones:
         for arm in s.arms:
-            if arm in arm_data:
+            if arm in arm_data or arm in s.given:  # a given encoder is in place: pretrain_arm only reads it
                 encoders[f"{backbone}|{arm}"], pre[f"{backbone}|{arm}"] = pretrain_arm(
-                    s.profile, backbone, arm, arm_data[arm], s.run_dir, device, log)
+                    s.profile, backbone, arm, arm_data.get(arm), s.run_dir, device, log)
             elif arm == "scratch":
                 encoders[f"{backbone}|{arm}"] = f"scratch:{backbone}"
     timings["ssl_s"] = time.perf_counter() - t
@@ -1828,17 +1985,20 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
                              f"{s.profile.fingerprint()!r} ({s.profile.name}); its cells would mix settings")
         _check_same_split(path, doc, split)
         # Cells are keyed without their synthetic source: a document whose synthetic arms read another export
-        # must not stand in for the synthetic arms this run computes (they would be skipped as done).
-        foreign = bool(set(s.arms) & set(SYNTHETIC_ARMS)) and _source_tag(doc.get("run_dir", "")) != \
-            _source_tag(s.run_dir)
-        kept = {k: c for k, c in doc.get("cells", {}).items() if not (foreign and k.split("|")[1] in SYNTHETIC_ARMS)}
+        # must not stand in for the synthetic arms this run computes (they would be skipped as done). Its other
+        # synthetic arms join, and the table names their source apart (_merged_source_lines).
+        tag = _source_tag(doc.get("run_dir", ""))
+        clash = set(s.arms) & set(SYNTHETIC_ARMS) if tag != _source_tag(s.run_dir) else set()
+        kept = {k: c for k, c in doc.get("cells", {}).items() if k.split("|")[1] not in clash}
         added = [k for k in kept if k not in s.cells]
         for key in added:
             s.cells.put(key, kept[key])
         for key, record in doc.get("pretraining", {}).items():
-            if not (foreign and key.split("|")[1] in SYNTHETIC_ARMS):
+            if key.split("|")[1] not in clash:
                 pre.setdefault(key, record)
+        joined = sorted({k.split("|")[1] for k in kept} & set(SYNTHETIC_ARMS)) if tag != _source_tag(s.run_dir) else []
         sources.append({"file": str(path), "commit": doc.get("commit"), "date": doc.get("date"),
+                        "synthetic_arms_from_another_source": joined,
                         "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
                         "provenance_note": doc.get("provenance_note"),
                         "cells_added": len(added), "synthetic_cells_left_out": len(doc.get("cells", {})) - len(kept)})
