@@ -57,6 +57,12 @@ per pretrained arm; many hours: see ``--plan-only``, and ``--merge`` to build it
     python benchmarks/paper_table.py --profile cpu-12 --probe          # time each component, write probe JSON
     python benchmarks/paper_table.py --profile cpu-12                  # the run (resumable)
 
+An arm pretrained on another machine is evaluated from its exported encoder (``--encoder ARM=DIR``: checked
+against the profile's recipe and, for a synthetic arm, the export it read) and joined to the committed table::
+
+    python benchmarks/paper_table.py --profile cpu-12 --arms synthetic \
+        --encoder synthetic=models/weights/encoder-synthetic-resnet18-64 --merge docs/results/paper_table-cpu-12.json
+
 ``gpu-full`` on one GPU, from a 100k-image synthetic dataset exported with
 ``cxrsynth datasets export ID --format webdataset --out syn100k.tar`` and extracted to ``/data/syn100k``:
 

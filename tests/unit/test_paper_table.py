@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -519,3 +520,103 @@ def test_synthetic_words_never_claim_more_images_than_the_export_holds() -> None
     assert "the first 4,013 (1x) of the 4,100 images" in words and "16,052" not in words
     assert "the first 4,013 (1x) and 16,052 (4x) of the 20,000" in pt.synthetic_words(
         {**syn, "images_in_export": 20000}, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# --encoder: an arm evaluated from an exported encoder
+# --------------------------------------------------------------------------------------------------
+def _given_args(run: dict[str, Any], root: Path, arms: str, *extra: str) -> list[str]:
+    data_dir = run["args"][run["args"].index("--data-dir") + 1]
+    return ["--profile", "smoke", "--arms", arms, "--tasks", "classification", "--modes", "linear", "--fractions",
+            "1", "--threads", "1", "--no-export", "--data-dir", data_dir, "--cache-dir", str(root / "cache"),
+            "--out-dir", str(root / "out"), *extra]
+
+
+def test_an_exported_encoder_stands_in_for_its_arms_ssl(run: dict[str, Any], tmp_path: Path) -> None:
+    """Another machine has the real arm's exported encoder, not its run folder: --encoder evaluates it without
+    pretraining, and the cell equals the one computed from the encoder where it was pretrained (seeded)."""
+    exported = pt.encoder_dir(run["run_dir"], "resnet18", "real")
+    doc = pt.main(_given_args(run, tmp_path, "real", "--encoder", f"real={exported}"))
+    key = "resnet18|real|classification|linear|1|0"
+    assert doc["cells_computed_this_run"] == 1 and not (Path(doc["run_dir"]) / "checkpoints").exists()
+    assert doc["cells"][key]["metrics"] == run["doc"]["cells"][key]["metrics"]
+    record = doc["pretraining"]["resnet18|real"]
+    assert record["encoder_from"] == str(exported) and record["steps"] == run["doc"]["pretraining"][
+        "resnet18|real"]["steps"]
+    # A second invocation finds it in place; another encoder for the same arm in that run folder is refused.
+    assert pt.main(_given_args(run, tmp_path, "real", "--encoder", f"real={exported}"))["cells_computed_this_run"] == 0
+    other = tmp_path / "other-encoder"
+    shutil.copytree(pt.encoder_dir(run["run_dir"], "resnet18", "synthetic"), other)
+    with pytest.raises(SystemExit, match="already holds another encoder"):
+        pt.main(_given_args(run, tmp_path, "real", "--encoder", f"real={other}"))
+
+
+def test_encoders_of_another_recipe_or_unknown_source_are_refused(run: dict[str, Any], tmp_path: Path) -> None:
+    exported = pt.encoder_dir(run["run_dir"], "resnet18", "real")
+    changed = tmp_path / "changed"
+    shutil.copytree(exported, changed)
+    cfg = json.loads((changed / "config.json").read_text())
+    cfg["pretraining"]["config"]["max_steps"] += 1
+    cfg["pretraining"]["config"]["precision"] = "fp32"  # a runtime setting: not part of the recipe
+    (changed / "config.json").write_text(json.dumps(cfg))
+    for spec, match in ((f"real={changed}", r"another recipe .*max_steps 3 != 2"),
+                        (f"real={tmp_path / 'absent'}", "not an exported cxrsynth encoder"),
+                        (f"scratch={exported}", "not a pretrained arm"), (f"synthetic-4x={exported}", "not selected"),
+                        (f"real{exported}", "expected ARM=DIR"),
+                        # the smoke run sampled its synthetic images: no export to name its cells' source
+                        (f"synthetic={pt.encoder_dir(run['run_dir'], 'resnet18', 'synthetic')}",
+                         "records no WebDataset export")):
+        with pytest.raises(SystemExit, match=match):
+            pt.main([*_given_args(run, tmp_path, "real,synthetic", "--encoder", spec), "--plan-only"])
+    assert not any((tmp_path / "cache").rglob("model.safetensors"))  # nothing was installed
+
+
+def test_a_given_synthetic_encoder_names_its_export(run: dict[str, Any], tmp_path: Path) -> None:
+    """A synthetic arm's exported encoder records the WebDataset export it read: the run folder is that export's
+    (so merged cells of the same export join it), and another --synthetic export in the same run is refused."""
+    given = tmp_path / "syn-encoder"
+    shutil.copytree(pt.encoder_dir(run["run_dir"], "resnet18", "synthetic"), given)
+    cfg = json.loads((given / "config.json").read_text())
+    cfg["metrics"] = {"synthetic": {"source": "webdataset export", "location": "/gone/wds", "images_in_export": 10,
+                                    "dataset": {"name": "syn-x", "version": "sha256:abc"}, "generator": {},
+                                    "privacy_gate": "passed"}}
+    (given / "config.json").write_text(json.dumps(cfg))
+    doc = pt.main(_given_args(run, tmp_path, "synthetic", "--encoder", f"synthetic={given}"))
+    assert Path(doc["run_dir"]).name.endswith(f"-wds{pt.export_identity('sha256:abc')}")
+    assert doc["synthetic"]["dataset"]["name"] == "syn-x" and doc["cells_computed_this_run"] == 1
+    md = (tmp_path / "out" / "paper_table-smoke.md").read_text()
+    assert "the first 4 (1x) of the 10 images of the WebDataset export `/gone/wds`" in md
+    _write_shards(tmp_path / "other", 20, 3)  # another export (no card: identity from its shards)
+    with pytest.raises(SystemExit, match="must share their source"):
+        pt.main([*_given_args(run, tmp_path, "synthetic,synthetic-4x", "--encoder", f"synthetic={given}",
+                              "--synthetic", str(tmp_path / "other")), "--plan-only"])
+
+
+def test_merged_synthetic_arms_of_another_export_join_when_not_recomputed(run: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """A run of synthetic-4x on a new export merges a table whose synthetic arm read an older export: the older
+    synthetic cells join (this run does not compute that arm), and the table names their export apart."""
+    earlier = json.loads((run["root"] / "out" / "paper_table-smoke.json").read_text())
+    earlier["run_dir"] = earlier["run_dir"].rsplit("-", 1)[0] + "-wds00000000"
+    earlier["synthetic"] = {"source": "webdataset export", "location": "/old/wds", "images_in_export": 4,
+                            "one_x": 4, "multiplied": 16, "dataset": {"name": "old-export", "version": "v0"},
+                            "generator": {}, "privacy_gate": "passed"}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    args = pt.parse_args(_given_args(run, tmp_path, "scratch", "--merge", str(tmp_path / "earlier.json")))
+    s = pt.setup(args, None)
+    s.arms = ["synthetic-4x"]  # as a run of the 4x arm: the merged synthetic arm is not recomputed
+    _, sources = pt.merge_results(s, args.merge)
+    assert sources[0]["synthetic_arms_from_another_source"] == ["synthetic"]
+    assert any(k.split("|")[1] == "synthetic" for k in s.cells.cells)
+    s2 = pt.setup(args, None)
+    s2.run_dir, s2.cells = tmp_path / "fresh", pt.CellStore(tmp_path / "fresh-cells.json")
+    s2.arms = ["synthetic"]  # recomputing the synthetic arm: the older export's cells must not stand in
+    _, sources = pt.merge_results(s2, args.merge)
+    assert sources[0]["synthetic_arms_from_another_source"] == []
+    assert not any(k.split("|")[1] == "synthetic" for k in s2.cells.cells)
+    doc = {"merged_from": [{"file": "earlier.json", "synthetic": earlier["synthetic"],
+                            "synthetic_arms_from_another_source": ["synthetic"]}],
+           "cells": {"k": {"arm": "synthetic"}}, "profile": {"synthetic_multiplier": 4}}
+    (line,) = [x for x in pt._merged_source_lines(doc) if x]
+    assert line.startswith("Arm(s) `synthetic` merged from `earlier.json`, another source: synthetic: the first 4")
+    assert "old-export" in line
