@@ -1566,6 +1566,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
         s = doc["shipped_encoder"]
         lines += ["", f"Shipped encoder: arm `{s['arm']}` (best mean primary metric of the arms without real "
                       f"images in pretraining: {s['score']:.4f}) exported fp16 to `{s['path']}`."]
+    elif doc.get("shipped_encoder_not_exported"):
+        lines += ["", f"Shipped encoder not exported by this run: {doc['shipped_encoder_not_exported']['reason']}."]
     lines += ["", "Per-seed cells, secondary metrics (F1, accuracy, sensitivity, specificity, IoU, HD95), selected "
               "epochs / C and split sizes are in the JSON beside this file.", ""]
     return "\n".join(lines)
@@ -1647,6 +1649,14 @@ def _budget_words(doc: dict[str, Any], backbone: str, arm: str, cfg: dict[str, A
             f"{batch}{views}{wall}.")
 
 
+class ExportElsewhere(Exception):
+    """The best arm to ship is not in this run folder (it came with --merge)."""
+
+    def __init__(self, message: str, arm: str, scores: dict[str, float]) -> None:
+        super().__init__(message)
+        self.arm, self.scores = arm, scores
+
+
 def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, export_dir: Path) -> dict[str, Any]:
     """Export the best arm without real images in pretraining (fp16, model card with its results) to
     ``export_dir``; ``config.json`` carries the results as ``metrics`` (shown by ``GET /v1/encoders``)."""
@@ -1660,6 +1670,12 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     if not scores:
         raise SystemExit("no arm without real images was evaluated: nothing to export")
     best = max(scores, key=lambda a: (scores[a], -NO_REAL_ARMS.index(a)))
+    if not (encoder_dir(run_dir, backbone, best) / "config.json").is_file():
+        # a merged arm: its encoder and its synthetic source belong to another run folder (its card would
+        # describe this run's source); it is exported from a run that holds it (--encoder ARM=DIR)
+        raise ExportElsewhere(f"the best arm without real images, {best!r} ({scores[best]:.4f}), is merged from "
+                              "another run: export it from a run of that arm (--arms "
+                              f"{best} --encoder {best}=ITS_EXPORTED_ENCODER --merge THIS_JSON)", best, scores)
     cfg = read_encoder_config(encoder_dir(run_dir, backbone, best))
     groups = sorted((g for g in agg.values() if g["backbone"] == backbone and g["arm"] == best),
                     key=lambda g: (g["task"], g["mode"], g["label_fraction"]))
@@ -1957,9 +1973,13 @@ def write_outputs(s: Setup, args: argparse.Namespace, doc: dict[str, Any],
     export_dir = Path(args.export_dir) if args.export_dir else (
         SHIPPED_ENCODER if p.name in EXPORTING_PROFILES else None)
     if export_dir is not None and not args.no_export:
-        doc["shipped_encoder"] = export_shipped_encoder(doc, s.run_dir, p.backbones[0], export_dir)
-        log(f"shipped encoder: arm {doc['shipped_encoder']['arm']} -> {doc['shipped_encoder']['path']} "
-            f"({doc['shipped_encoder']['size_mb']} MB)")
+        try:
+            doc["shipped_encoder"] = export_shipped_encoder(doc, s.run_dir, p.backbones[0], export_dir)
+            log(f"shipped encoder: arm {doc['shipped_encoder']['arm']} -> {doc['shipped_encoder']['path']} "
+                f"({doc['shipped_encoder']['size_mb']} MB)")
+        except ExportElsewhere as exc:  # the table is still written: the cells are not lost for want of an export
+            doc["shipped_encoder_not_exported"] = {"reason": str(exc), "best_arm": exc.arm, "scores": exc.scores}
+            log(f"shipped encoder NOT exported: {exc}")
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(doc, indent=2, default=str, allow_nan=True) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown_table(doc))

@@ -620,3 +620,16 @@ def test_merged_synthetic_arms_of_another_export_join_when_not_recomputed(run: d
     (line,) = [x for x in pt._merged_source_lines(doc) if x]
     assert line.startswith("Arm(s) `synthetic` merged from `earlier.json`, another source: synthetic: the first 4")
     assert "old-export" in line
+
+
+def test_a_merged_best_arm_is_not_exported_from_a_run_without_its_encoder(run: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    """The best arm without real images came with --merge: its encoder is in another run folder, so this run
+    writes its table and says where to export it from, instead of failing or shipping another arm's card."""
+    earlier = run["root"] / "out" / "paper_table-smoke.json"
+    args = [a for a in _given_args(run, tmp_path, "scratch", "--merge", str(earlier)) if a != "--no-export"]
+    doc = pt.main([*args, "--export-dir", str(tmp_path / "shipped")])
+    assert doc["cells_computed_this_run"] == 0 and not (tmp_path / "shipped").exists()
+    skipped = doc["shipped_encoder_not_exported"]
+    assert skipped["best_arm"] == "synthetic" and "--encoder synthetic=" in skipped["reason"]
+    assert "Shipped encoder not exported by this run" in (tmp_path / "out" / "paper_table-smoke.md").read_text()
