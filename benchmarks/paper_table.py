@@ -843,11 +843,11 @@ def _check_recipe(spec: str, cfg: dict[str, Any], profile: Profile) -> None:
     have = (cfg.get("pretraining") or {}).get("config") or {}
     differ = [k for k in sorted(want) if k not in RUNTIME_FIELDS
               and json.dumps(want[k], default=list) != json.dumps(have.get(k), default=list)]
-    if cfg.get("architecture") != profile.backbones[0] or differ:
-        raise SystemExit(f"--encoder {spec!r}: pretrained with another recipe than profile {profile.name}'s ("
-                         + ", ".join([f"architecture {cfg.get('architecture')!r}"] * (cfg.get("architecture") !=
-                                                                                     profile.backbones[0])
-                                     + [f"{k} {have.get(k)!r} != {want[k]!r}" for k in differ]) + ")")
+    problems = [f"architecture {cfg.get('architecture')!r}"] if cfg.get("architecture") != profile.backbones[0] else []
+    problems += [f"{k} {have.get(k)!r} != {want[k]!r}" for k in differ]
+    if problems:
+        raise SystemExit(f"--encoder {spec!r}: pretrained with another recipe than profile {profile.name}'s "
+                         f"({', '.join(problems)})")
 
 
 def install_given_encoder(enc: GivenEncoder, run_dir: Path, backbone: str) -> None:
