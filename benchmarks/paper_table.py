@@ -1709,7 +1709,9 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
     out = export_encoder(export_dir, load_encoder(encoder_dir(run_dir, backbone, best)),
                          model_name=cfg["architecture"], timm_kwargs=cfg["timm_kwargs"],
                          resolution=cfg["resolution"], mean=cfg["mean"][0], std=cfg["std"][0], method=cfg["method"],
-                         pretraining=cfg["pretraining"], aspect_mode=cfg["aspect_mode"], fp16=True, notes=notes)
+                         # where a --encoder copy came from names the run's input, not the shipped encoder's history
+                         pretraining={k: v for k, v in cfg["pretraining"].items() if k != "encoder_from"},
+                         aspect_mode=cfg["aspect_mode"], fp16=True, notes=notes)
     exported = json.loads((out / "config.json").read_text())
     exported["metrics"] = {
         "source": f"benchmarks/paper_table.py --profile {doc['profile']['name']} (commit {doc['commit']})",
