@@ -1494,13 +1494,20 @@ def _header(doc: dict[str, Any]) -> list[str]:
 def _provenance_lines(doc: dict[str, Any]) -> list[str]:
     """``--note`` of this run and of the documents merged into it: how and where each part was computed."""
     lines = [f"- provenance: {doc['provenance_note']}"] if doc.get("provenance_note") else []
-    for m in doc.get("merged_from", []):
-        if m.get("provenance_note"):
-            left = m.get("synthetic_cells_left_out") or 0
-            lines.append(f"- provenance of merged `{m['file']}` (commit {m['commit']}, arms "
-                         f"{', '.join(m.get('arms') or [])}"
-                         + (f"; its {left} synthetic-arm cells, from another export, left out" if left else "")
-                         + f"): {m['provenance_note']}")
+    seen: set[tuple[str, str]] = set()
+
+    def walk(merged: list[dict[str, Any]], via: str) -> None:
+        for m in merged:
+            if m.get("provenance_note") and (m["file"], str(m.get("commit"))) not in seen:
+                seen.add((m["file"], str(m.get("commit"))))
+                left = m.get("synthetic_cells_left_out") or 0
+                lines.append(f"- provenance of merged `{m['file']}` (commit {m['commit']}{via}, arms "
+                             f"{', '.join(m.get('arms') or [])}"
+                             + (f"; its {left} synthetic-arm cells, from another export, left out" if left else "")
+                             + f"): {m['provenance_note']}")
+            walk(m.get("merged_from") or [], f", merged into `{m['file']}`")
+
+    walk(doc.get("merged_from", []), "")
     return lines
 
 
@@ -2029,6 +2036,8 @@ def merge_results(s: Setup, paths: Sequence[str]) -> tuple[dict[str, Any], list[
                         "synthetic_arms_from_another_source": joined,
                         "arms": doc.get("selection", {}).get("arms"), "synthetic": doc.get("synthetic"),
                         "provenance_note": doc.get("provenance_note"),
+                        # what that document had merged in turn: the provenance of every part survives re-merging
+                        "merged_from": doc.get("merged_from", []),
                         "cells_added": len(added), "synthetic_cells_left_out": len(doc.get("cells", {})) - len(kept)})
     return pre, sources
 

@@ -633,3 +633,12 @@ def test_a_merged_best_arm_is_not_exported_from_a_run_without_its_encoder(run: d
     skipped = doc["shipped_encoder_not_exported"]
     assert skipped["best_arm"] == "synthetic" and "--encoder synthetic=" in skipped["reason"]
     assert "Shipped encoder not exported by this run" in (tmp_path / "out" / "paper_table-smoke.md").read_text()
+
+
+def test_provenance_of_documents_merged_in_turn_is_kept() -> None:
+    doc = {"provenance_note": "C here", "merged_from": [
+        {"file": "b.json", "commit": "b1", "arms": ["x"], "provenance_note": "B there", "merged_from": [
+            {"file": "a.json", "commit": "a1", "arms": ["y"], "provenance_note": "A long ago"}]}]}
+    lines = pt._provenance_lines(doc)
+    assert lines == ["- provenance: C here", "- provenance of merged `b.json` (commit b1, arms x): B there",
+                     "- provenance of merged `a.json` (commit a1, merged into `b.json`, arms y): A long ago"]
