@@ -1651,7 +1651,10 @@ def _budget_words(doc: dict[str, Any], backbone: str, arm: str, cfg: dict[str, A
     steps = int(run.get("steps", cfg["pretraining"].get("steps", 0)))
     batch = int(cfg["pretraining"].get("batch_size") or doc["profile"].get("ssl_batch") or 0)
     views = f" = {steps * batch:,} image-views" if batch else ""
-    wall = f", {run['wall_seconds'] / 60:.0f} min of wall time on the machine below" if run.get("wall_seconds") else ""
+    # the SSL may have run on another machine than the evaluation (--merge, --encoder): the device it recorded
+    device = cfg["pretraining"].get("device")
+    wall = (f", {run['wall_seconds'] / 60:.0f} min of wall time" + (f" ({device})" if device else "")
+            if run.get("wall_seconds") else "")
     return (f"Budget: {cfg['method']} on {cfg['architecture']} at {cfg['resolution']} px, {steps:,} steps of batch "
             f"{batch}{views}{wall}.")
 

@@ -199,7 +199,7 @@ def test_shipped_encoder_is_served_as_builtin(run: dict[str, Any], tmp_path: Pat
     assert "| this encoder [95% CI] | scratch |" in card  # the yardsticks stand beside it
     steps = run["doc"]["pretraining"][f"resnet18|{shipped['arm']}"]["steps"]
     assert re.search(rf"Budget: \w+ on resnet18 at 32 px, {steps:,} steps of batch \d+ = [\d,]+ image-views, "
-                     r"\d+ min of wall time", card), card  # the card states what the encoder cost
+                     r"\d+ min of wall time \(CPU", card), card  # the card states what the encoder cost
     assert load_encoder(folder)(torch.zeros(1, 1, 32, 32)).shape == (1, 64)
 
     settings = Settings(_env_file=None, data_dir=tmp_path / "state",  # type: ignore[call-arg]
