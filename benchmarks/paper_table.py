@@ -60,8 +60,10 @@ per pretrained arm; many hours: see ``--plan-only``, and ``--merge`` to build it
 An arm pretrained on another machine is evaluated from its exported encoder (``--encoder ARM=DIR``: checked
 against the profile's recipe and, for a synthetic arm, the export it read) and joined to the committed table::
 
-    python benchmarks/paper_table.py --profile cpu-12 --arms synthetic \
-        --encoder synthetic=models/weights/encoder-synthetic-resnet18-64 --merge docs/results/paper_table-cpu-12.json
+    python benchmarks/paper_table.py --profile cpu-12 --arms synthetic-4x --synthetic WDS \
+        --encoder synthetic-4x=models/weights/encoder-synthetic-resnet18-64 --merge docs/results/paper_table-cpu-12.json
+
+(an encoder this benchmark shipped names its arm in its config: only that arm takes it).
 
 ``gpu-full`` on one GPU, from a 100k-image synthetic dataset exported with
 ``cxrsynth datasets export ID --format webdataset --out syn100k.tar`` and extracted to ``/data/syn100k``:
@@ -829,6 +831,9 @@ def given_encoders(specs: Sequence[str], profile: Profile, arms: Sequence[str]) 
         except (OSError, ValueError, KeyError) as exc:
             raise SystemExit(f"--encoder {spec!r}: not an exported cxrsynth encoder ({exc})") from exc
         _check_recipe(spec, cfg, profile)
+        recorded = (cfg.get("metrics") or {}).get("arm")  # an encoder shipped by this benchmark names its arm
+        if recorded and recorded != arm:
+            raise SystemExit(f"--encoder {spec!r}: that encoder is arm {recorded!r}, not {arm!r}")
         enc = GivenEncoder(arm, Path(folder), cfg)
         if arm in SYNTHETIC_ARMS and enc.source_tag() is None:
             raise SystemExit(f"--encoder {spec!r}: its config records no WebDataset export (metrics.synthetic."
@@ -872,7 +877,8 @@ def install_given_encoder(enc: GivenEncoder, run_dir: Path, backbone: str) -> No
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1885,14 +1891,14 @@ def show_plan(s: Setup, log: Callable[[str], None]) -> dict[str, Any]:
     ssl_left = [(b, a) for b in p.backbones for a in s.arms
                 if arm_spec(a).pretrained and not (encoder_dir(s.run_dir, b, a) / "config.json").is_file()]
     syn_total = sizes["ssl_real"] * p.synthetic_multiplier
-    sample = s.synthetic is None and any(a in SYNTHETIC_ARMS and a not in s.given for a in s.arms) and not (
+    reads = any(a in SYNTHETIC_ARMS and a not in s.given for a in s.arms)  # some arm pretrains on synthetic images
+    sample = s.synthetic is None and reads and not (
         s.cache_dir / "synthetic" / synthetic_cache_key(p, s.generator, syn_total) / "images.npz").is_file()
     eta = estimate(p, todo, len(ssl_left), syn_total if sample else 0, sizes, rates)
     log(f"profile {p.name} ({p.note}); run folder {s.run_dir}")
     log(f"  backbones {', '.join(p.backbones)} at {p.resolution} px (segmentation {p.segmentation_resolution} px); "
         f"arms {', '.join(s.arms)}; tasks {', '.join(s.tasks)}; modes {', '.join(s.modes)}; fractions "
         f"{', '.join(f'{f:g}' for f in s.fractions)}; seeds {p.seeds_small_fractions} below 100%")
-    reads = any(a in SYNTHETIC_ARMS and a not in s.given for a in s.arms)
     source = f"--synthetic {s.synthetic.location} ({s.synthetic.index.num_samples:,} images)" if s.synthetic else \
         f"sampled from {s.generator.name}{'' if sample else ' (cached)'}" if reads else "not read"
     if s.given:

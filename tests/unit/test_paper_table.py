@@ -581,6 +581,12 @@ def test_a_given_synthetic_encoder_names_its_export(run: dict[str, Any], tmp_pat
                                     "dataset": {"name": "syn-x", "version": "sha256:abc"}, "generator": {},
                                     "privacy_gate": "passed"}}
     (given / "config.json").write_text(json.dumps(cfg))
+    shipped_as_4x = tmp_path / "shipped-4x"  # an export this benchmark shipped names its arm: no other arm takes it
+    shutil.copytree(given, shipped_as_4x)
+    as_4x = {**cfg, "metrics": {**cfg["metrics"], "arm": "synthetic-4x"}}
+    (shipped_as_4x / "config.json").write_text(json.dumps(as_4x))
+    with pytest.raises(SystemExit, match="that encoder is arm 'synthetic-4x', not 'synthetic'"):
+        pt.main([*_given_args(run, tmp_path, "synthetic", "--encoder", f"synthetic={shipped_as_4x}"), "--plan-only"])
     doc = pt.main(_given_args(run, tmp_path, "synthetic", "--encoder", f"synthetic={given}"))
     assert Path(doc["run_dir"]).name.endswith(f"-wds{pt.export_identity('sha256:abc')}")
     assert doc["synthetic"]["dataset"]["name"] == "syn-x" and doc["cells_computed_this_run"] == 1
