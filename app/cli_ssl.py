@@ -40,6 +40,7 @@ from app.cli_common import (
     validation_message,
 )
 from app.cli_distributed import NnodesOpt, NprocOpt, RdzvEndpointOpt, RdzvIdOpt, launch_options, run_distributed
+from models.probe_readouts import LINEAR_READOUTS
 from models.ssl_methods import DEFAULT_SSL_METHOD, SSLMethod  # the choices: the registry (checked equal)
 from models.torchrun import LaunchOptions
 
@@ -348,10 +349,11 @@ def _finish_report(report: dict[str, Any], json_out: Path | None, primary: tuple
 def _run_evaluation(task: str, evaluate: Callable[..., dict[str, Any]], config_cls: Callable[..., Any],
                     primary: tuple[str, ...], *, encoder: str, train_data: Path, test_data: Path, mode: Mode,
                     label_fraction: float, json_out: Path | None, epochs: int | None, resolution: int | None,
-                    seed: int, bootstrap: int, device: str) -> None:
+                    seed: int, bootstrap: int, device: str, config_extra: dict[str, Any] | None = None) -> None:
     """Shared body of ``evaluate classification|segmentation``: check, run with a progress bar, print."""
     _check_common(encoder, label_fraction, bootstrap, epochs, resolution)
-    kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution}
+    kwargs: dict[str, Any] = {"seed": seed, "n_resamples": bootstrap, "resolution": resolution,
+                              **(config_extra or {})}
     if epochs is not None:
         kwargs["epochs"] = epochs
     with progress_bar() as bar:
@@ -382,16 +384,25 @@ def evaluate_classification_cmd(
     seed: SeedOpt = 0,
     bootstrap: BootstrapOpt = 1000,
     device: DeviceOpt = "auto",
+    readout: Annotated[list[str] | None, typer.Option(
+        help=f"Linear probe: how frozen features are read, one of {', '.join(LINEAR_READOUTS)} (avg: the model's "
+             "global pool; grid2: the last map pooled to 2x2; @2x: images at twice --resolution). Repeat it to "
+             "let validation AUC choose, with C.")] = None,
 ) -> None:
     """Pneumonia vs normal on ImageFolder layouts (<label>/*.png|jpg): AUC, F1, accuracy, sensitivity,
     specificity with bootstrap 95% CIs; model and threshold selected on a patient-level validation split of
     the training folder."""
     from models.evaluation import ClassificationConfig, evaluate_classification
 
+    if readout and mode is not Mode.linear:
+        fail("--readout applies to --mode linear only")
+    unknown = [r for r in readout or () if r not in LINEAR_READOUTS]
+    if unknown:
+        fail(f"unknown --readout {', '.join(unknown)}: choose from {', '.join(LINEAR_READOUTS)}")
     _run_evaluation("classification", evaluate_classification, ClassificationConfig, ("auc",), encoder=encoder,
                     train_data=train_data, test_data=test_data, mode=mode, label_fraction=label_fraction,
                     json_out=json_out, epochs=epochs, resolution=resolution, seed=seed, bootstrap=bootstrap,
-                    device=device)
+                    device=device, config_extra={"linear_readouts": tuple(readout)} if readout else None)
 
 
 @evaluate_app.command("segmentation")

@@ -12,7 +12,7 @@ from models.evaluation.classification import (
     finetune_augmentation_named,
     write_report,
 )
-from models.evaluation.encoders import SCRATCH, EvalEncoder, extract_features, resolve_encoder
+from models.evaluation.encoders import SCRATCH, EvalEncoder, extract_feature_grids, extract_features, resolve_encoder
 from models.evaluation.metrics import (
     CLASSIFICATION_METRICS,
     SEGMENTATION_METRICS,
@@ -69,6 +69,7 @@ __all__ = [
     "classification_metrics_with_ci",
     "evaluate_classification",
     "evaluate_segmentation",
+    "extract_feature_grids",
     "extract_features",
     "finetune_augmentation_named",
     "fit_temperature",

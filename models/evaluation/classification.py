@@ -5,8 +5,9 @@ Protocol (the same for every arm of the paper table, so arms differ only by the 
 1. Train and test come from two ImageFolder folders (``<label>/*.png|jpg``), two classes.
 2. A validation split is carved from the training folder: patient-level, stratified, seeded
    (:func:`models.evaluation.splits.validation_split`); the label fraction subsamples the rest.
-3. Model selection on validation AUC only: the L2 strength ``C`` of the linear probe, or the epoch
-   of fine-tuning. The decision threshold is chosen on the validation scores too, by a rule of
+3. Model selection on validation AUC only: the L2 strength ``C`` of the linear probe (and its readout
+   of the frozen encoder, when ``linear_readouts`` offers several), or the epoch of fine-tuning. The
+   decision threshold is chosen on the validation scores too, by a rule of
    :data:`models.evaluation.metrics.THRESHOLD_RULES` (Youden's J by default; F1-max; equal error;
    ``balanced-platt``, which does not follow the validation prevalence).
 4. The test folder is scored once, by the selected model at the selected threshold: AUC, F1,
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from models.data.folders import ImageRecord, images_to_array, list_image_folder
 from models.device import autocast_for, pick_device
 from models.evaluation.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
 from models.evaluation.calibration import DEFAULT_BINS, calibration_report, sigmoid
-from models.evaluation.encoders import EvalEncoder, extract_features, resolve_encoder
+from models.evaluation.encoders import EvalEncoder, extract_feature_grids, resolve_encoder
 from models.evaluation.metrics import (
     THRESHOLD_RULES,
     ThresholdRule,
@@ -52,6 +53,7 @@ from models.evaluation.metrics import (
     threshold_rule,
 )
 from models.evaluation.splits import TrainValSplit, hold_out_groups, validation_split
+from models.probe_readouts import DEFAULT_READOUT, LINEAR_READOUTS, Readout, linear_readout
 from models.ssl.augment import (
     XRayAugment,
     finetune_augmentation,
@@ -103,6 +105,8 @@ class ClassificationConfig:
     seed: int = 0
     # linear probe: L2-regularised logistic regression on frozen, standardised features
     linear_c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    # LINEAR_READOUTS names offered to the probe; with more than one, validation AUC picks it with C.
+    linear_readouts: tuple[str, ...] = (DEFAULT_READOUT,)
     # fine-tuning: encoder + linear head, class-weighted BCE, AdamW, cosine schedule
     epochs: int = 10
     batch_size: int = 32
@@ -129,6 +133,10 @@ class ClassificationConfig:
             raise ValueError("need epochs >= 1 and batch_size >= 2")
         if not self.linear_c_grid:
             raise ValueError("linear_c_grid must not be empty")
+        if isinstance(self.linear_readouts, str) or not self.linear_readouts:
+            raise ValueError("linear_readouts is a non-empty tuple of readout names, e.g. ('avg', 'grid2@2x')")
+        for name in self.linear_readouts:
+            linear_readout(name)
         threshold_rule(self.threshold_rule)  # unknown names fail here, before any training
         if self.augmentation not in FINETUNE_AUGMENTATIONS:
             raise ValueError(f"unknown fine-tuning augmentation {self.augmentation!r}: choose one of "
@@ -198,9 +206,13 @@ def evaluate_classification(
     json_path: str | Path | None = None,
     on_step: OnStep = no_progress,
     device: str = "auto",
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``encoder`` (an encoder directory, ``"scratch"`` or ``"scratch:<timm name>"``) on
     pneumonia vs normal; returns the report dict (and writes it as JSON to ``json_path``).
+
+    ``keep_scores`` adds each test image's file, label and probability (``report["scores"]["test"]``), so
+    two models can be compared on the same images (a paired bootstrap).
 
     Raises ``ValueError`` for an empty folder, a one-class folder, a corrupt image, or test == train.
     """
@@ -223,19 +235,19 @@ def evaluate_classification(
     carved = _carve(train_records, y_pool, cfg, label_fraction)
     split = carved.split
 
-    # Decode everything up front (fails fast on a corrupt file); the test and shifted pixels are not
-    # looked at until the selected model scores them at the end.
+    # Decode everything up front, at each input scale a readout needs (fails fast on a corrupt file);
+    # the test and shifted pixels are not looked at until the selected model scores them at the end.
     res, aspect = enc.resolution, enc.aspect_mode
-    x_train, x_val, x_test, x_shifted = (
-        images_to_array([r.path for r in rs], res, aspect, threads=2)  # type: ignore[arg-type]
-        for rs in (split.train, split.val, test_records, carved.shifted)
-    )
+    scales = _readout_scales(enc, cfg) if mode == "linear" else [1]
+    pixels = {s: _Pixels(*(images_to_array([r.path for r in rs], res * s, aspect, threads=2)  # type: ignore[arg-type]
+                           for rs in (split.train, split.val, test_records, carved.shifted)))
+              for s in scales}
 
     run = _linear_probe if mode == "linear" else _finetune
-    selection, val_logits, score_test = run(enc, x_train, carved.y_train, x_val, carved.y_val, cfg, dev, on_step)
-    logits = {"validation": (val_logits, carved.y_val), "test": (score_test(x_test), y_test)}
+    selection, val_logits, score = run(enc, pixels, carved.y_train, carved.y_val, cfg, dev, on_step)
+    logits = {"validation": (val_logits, carved.y_val), "test": (score("test"), y_test)}
     if carved.shifted:
-        logits["shifted"] = (score_test(x_shifted), carved.y_shifted)
+        logits["shifted"] = (score("shifted"), carved.y_shifted)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "task": "classification",
@@ -263,6 +275,9 @@ def evaluate_classification(
         "device": str(dev),
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
+    if keep_scores:
+        report["scores"] = {"test": {"files": [r.path.name for r in test_records], "label": y_test.tolist(),
+                                     "probability": sigmoid(logits["test"][0]).tolist()}}
     if json_path is not None:
         write_report(report, json_path)
     return report
@@ -322,47 +337,86 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return p
 
 
-def _linear_probe(
-    enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-    cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
-) -> tuple[dict[str, Any], np.ndarray, Any]:
-    """Frozen features + scikit-learn logistic regression; ``C`` chosen by validation AUC.
+class _Pixels(NamedTuple):
+    """The decoded uint8 images of each part of an evaluation, at one input size."""
 
-    Returns the selection, the validation logits and a function giving the logits of more images.
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    shifted: np.ndarray
+
+
+def _readout_scales(enc: EvalEncoder, cfg: ClassificationConfig) -> list[int]:
+    """The input scales the configured readouts need; ``ValueError`` (before any decoding) for a readout
+    other than "avg" on a fixed-input-size encoder (a ViT takes one size and ends in tokens)."""
+    readouts = {name: linear_readout(name) for name in cfg.linear_readouts}
+    if enc.fixed_input_size and any(r != LINEAR_READOUTS[DEFAULT_READOUT] for r in readouts.values()):
+        other = ", ".join(n for n, r in readouts.items() if r != LINEAR_READOUTS[DEFAULT_READOUT])
+        raise ValueError(f"linear-probe readouts {other} need a convolutional encoder; {enc.model_name} takes one "
+                         f"input size and ends in tokens: use ({DEFAULT_READOUT!r},)")
+    return sorted({r.scale for r in readouts.values()})
+
+
+def _linear_probe(
+    enc: EvalEncoder, pixels: dict[int, _Pixels], y_train: np.ndarray, y_val: np.ndarray,
+    cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
+) -> tuple[dict[str, Any], np.ndarray, Callable[[str], np.ndarray]]:
+    """Frozen features + scikit-learn logistic regression; ``C`` (and the readout, when several are
+    offered) chosen by validation AUC.
+
+    Returns the selection, the validation logits and a function giving the logits of a part ("test",
+    "shifted").
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     module = enc.module.to(dev)
-    total = len(cfg.linear_c_grid) + 2
-    f_train = extract_features(module, x_train, enc.mean, enc.std, dev, cfg.feature_batch_size)
-    on_step(1, total, "features: training split")
-    f_val = extract_features(module, x_val, enc.mean, enc.std, dev, cfg.feature_batch_size)
-    on_step(2, total, "features: validation split")
-    scaler = StandardScaler().fit(f_train)
-    z_train, z_val = scaler.transform(f_train), scaler.transform(f_val)
-    candidates: list[dict[str, float]] = []
-    best: tuple[float, Any] | None = None
-    for i, c in enumerate(cfg.linear_c_grid):
-        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
-        clf.fit(z_train, y_train)
-        auc = float(auc_rows(clf.predict_proba(z_val)[:, 1], y_val)[0])
-        candidates.append({"C": c, "validation_auc": auc})
-        if best is None or auc > best[0]:  # ties keep the smaller C (stronger regularisation)
-            best = (auc, clf)
-        on_step(3 + i, total, f"linear probe C={c:g}: validation AUC {auc:.4f}")
+    readouts = {name: linear_readout(name) for name in cfg.linear_readouts}
+    total = 2 * len(pixels) + len(readouts) * len(cfg.linear_c_grid)
+    step = 0
+    feats: dict[Readout, tuple[np.ndarray, np.ndarray]] = {}
+    for scale, px in pixels.items():
+        grids = sorted({r.grid for r in readouts.values() if r.scale == scale})
+        parts = []
+        for part, images in (("training", px.train), ("validation", px.val)):
+            parts.append(extract_feature_grids(module, images, enc.mean, enc.std, dev, grids, cfg.feature_batch_size))
+            step += 1
+            on_step(step, total, f"features: {part} split at {enc.resolution * scale} px")
+        feats.update({Readout(scale, g): (parts[0][g], parts[1][g]) for g in grids})
+    candidates: list[dict[str, Any]] = []
+    best: tuple[float, str, Any, Any] | None = None
+    for name, readout in readouts.items():
+        f_train, f_val = feats[readout]
+        scaler = StandardScaler().fit(f_train)
+        z_train, z_val = scaler.transform(f_train), scaler.transform(f_val)
+        for c in cfg.linear_c_grid:
+            clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+            clf.fit(z_train, y_train)
+            auc = float(auc_rows(clf.predict_proba(z_val)[:, 1], y_val)[0])
+            candidates.append({"C": c, "readout": name, "validation_auc": auc} if len(readouts) > 1 else
+                              {"C": c, "validation_auc": auc})
+            # ties keep the earlier readout and the smaller C (stronger regularisation)
+            if best is None or auc > best[0]:
+                best = (auc, name, scaler, clf)
+            step += 1
+            on_step(step, total, f"linear probe {name} C={c:g}: validation AUC {auc:.4f}")
     assert best is not None
-    clf = best[1]
-    val_logits = np.asarray(clf.decision_function(z_val), dtype=np.float64)
+    _, chosen, scaler, clf = best
+    readout = readouts[chosen]
+    val_logits = np.asarray(clf.decision_function(scaler.transform(feats[readout][1])), dtype=np.float64)
 
-    def score(images: np.ndarray) -> np.ndarray:
+    def score(part: str) -> np.ndarray:
+        images = getattr(pixels[readout.scale], part)
         if len(images) == 0:
             return np.zeros(0)
-        feats = extract_features(module, images, enc.mean, enc.std, dev, cfg.feature_batch_size)
-        return np.asarray(clf.decision_function(scaler.transform(feats)), dtype=np.float64)
+        f = extract_feature_grids(module, images, enc.mean, enc.std, dev, [readout.grid], cfg.feature_batch_size)
+        return np.asarray(clf.decision_function(scaler.transform(f[readout.grid])), dtype=np.float64)
 
-    selection = {"chosen": {"C": float(clf.C)}, "validation_auc": best[0], "candidates": candidates,
-                 "head": "logistic regression (L2, class-balanced) on standardised frozen features"}
+    selection: dict[str, Any] = {"chosen": {"C": float(clf.C)}, "validation_auc": best[0], "candidates": candidates,
+                                 "head": "logistic regression (L2, class-balanced) on standardised frozen features"}
+    if len(readouts) > 1:
+        selection["chosen"]["readout"] = chosen
+        selection["readouts"] = {n: {"input_px": enc.resolution * r.scale, "grid": r.grid} for n, r in readouts.items()}
     return selection, val_logits, score
 
 
@@ -398,14 +452,17 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
 
 
 def _finetune(
-    enc: EvalEncoder, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    enc: EvalEncoder, pixels: dict[int, _Pixels], y_train: np.ndarray, y_val: np.ndarray,
     cfg: ClassificationConfig, dev: torch.device, on_step: OnStep,
-) -> tuple[dict[str, Any], np.ndarray, Any]:
+) -> tuple[dict[str, Any], np.ndarray, Callable[[str], np.ndarray]]:
     """Encoder + linear head trained end to end; the epoch with the best validation AUC is kept.
 
-    Returns the selection, the validation logits and a function giving the logits of more images.
+    Returns the selection, the validation logits and a function giving the logits of a part ("test",
+    "shifted").
     """
     from lightly.utils.scheduler import CosineWarmupScheduler
+
+    x_train, x_val = pixels[1].train, pixels[1].val
 
     torch.manual_seed(cfg.seed)
     model = _Classifier(enc.fresh_copy(), enc.num_features).to(dev)
@@ -450,8 +507,8 @@ def _finetune(
     model.load_state_dict(best[2])
     val_logits = _predict(model, x_val, enc, dev, cfg.feature_batch_size)
 
-    def score(images_: np.ndarray) -> np.ndarray:
-        return _predict(model, images_, enc, dev, cfg.feature_batch_size)
+    def score(part: str) -> np.ndarray:
+        return _predict(model, getattr(pixels[1], part), enc, dev, cfg.feature_batch_size)
 
     selection = {"chosen": {"epoch": best[1]}, "validation_auc": best[0], "candidates": history,
                  "head": "linear head on the fine-tuned encoder, class-weighted BCE",

@@ -8,6 +8,7 @@ makes it one argument away.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,41 @@ def extract_features(
             f = module(normalize(x, mean, std))
         out.append(f.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, int(module.num_features)), np.float32)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def extract_feature_grids(
+    module: nn.Module,
+    images: np.ndarray,
+    mean: float,
+    std: float,
+    device: torch.device,
+    grids: Sequence[int],
+    batch_size: int = 64,
+) -> dict[int, np.ndarray]:
+    """Frozen features of (N, H, W) uint8 images for each readout grid, from one forward pass per batch.
+
+    Grid 1 is the model's own pooled features (as :func:`extract_features`); grid ``k > 1`` average-pools
+    the last feature map to ``k x k`` and flattens it (``k * k * C`` features), keeping the coarse layout
+    a global pool throws away (where an opacity sits). ``ValueError`` for ``k > 1`` on an encoder whose
+    last features are not a spatial map (a ViT's are tokens).
+    """
+    wanted = sorted({int(k) for k in grids})
+    if not wanted or wanted[0] < 1:
+        raise ValueError(f"grids must be positive integers, got {list(grids)}")
+    if wanted == [1]:
+        return {1: extract_features(module, images, mean, std, device, batch_size)}
+    module.eval()
+    out: dict[int, list[np.ndarray]] = {k: [] for k in wanted}
+    for i in range(0, len(images), batch_size):
+        x = to_unit_float(torch.from_numpy(images[i : i + batch_size]).to(device))
+        with autocast_for(device):
+            fmap = module.forward_features(normalize(x, mean, std))  # type: ignore[operator]
+            if fmap.ndim != 4:
+                raise ValueError(f"a {max(wanted)}x{max(wanted)} grid readout needs a spatial feature map; this "
+                                 f"encoder's last features have shape {tuple(fmap.shape)}")
+            for k in wanted:
+                f = module.forward_head(fmap) if k == 1 else nn.functional.adaptive_avg_pool2d(fmap, k).flatten(1)  # type: ignore[operator]
+                out[k].append(f.float().cpu().numpy())
+    width = int(module.num_features)  # type: ignore[arg-type]
+    return {k: np.concatenate(v) if v else np.zeros((0, width * k * k), np.float32) for k, v in out.items()}

@@ -91,6 +91,15 @@ def test_pretrain_then_evaluate_classification(slices: dict[str, Path], tmp_path
     assert report["encoder"]["method"] == "dino"
 
 
+def test_evaluate_classification_readouts_are_chosen_on_validation(slices: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cls.json"
+    _ok([*CLS, "--train-data", str(slices["train"]), "--test-data", str(slices["test"]), "--resolution", "32",
+         "--readout", "avg", "--readout", "grid2@2x", "--json", str(out), "--bootstrap", "50"])
+    sel = json.loads(out.read_text())["model_selection"]
+    assert {c["readout"] for c in sel["candidates"]} == {"avg", "grid2@2x"}
+    assert sel["chosen"]["readout"] in {"avg", "grid2@2x"} and sel["readouts"]["grid2@2x"]["input_px"] == 64
+
+
 def test_pretrain_streams_webdataset_shards(slices: dict[str, Path], tmp_path: Path) -> None:
     """``--data`` also takes a folder of WebDataset shards (what `datasets export --format webdataset` holds)."""
     import io
@@ -185,6 +194,10 @@ SEG = ["evaluate", "segmentation", "--encoder", "scratch", "--epochs", "1"]
     ([*CLS, "--train-data", "{corrupt}", "--test-data", "{test}"], "not a readable image"),
     ([*CLS, "--train-data", "{train}", "--test-data", "{train}"], "separate test folder"),
     ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--label-fraction", "0"], "--label-fraction"),
+    ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--readout", "grid9"],
+     "unknown --readout grid9: choose from avg, grid2, avg@2x, grid2@2x"),
+    ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--mode", "finetune", "--readout", "grid2"],
+     "--readout applies to --mode linear only"),
     (["evaluate", "classification", "--encoder", "/no/such/encoder", "--train-data", "{train}", "--test-data",
       "{test}"], "encoder not found"),
     ([*SEG, "--train-data", "{mismatch}", "--test-data", "{seg_test}"], "size mismatch"),

@@ -57,6 +57,9 @@ def test_cli_choices_and_help_are_the_registries(tmp_path: Path) -> None:
     assert f"<{'|'.join(SSL_METHOD_NAMES)}>" in help_of("pretrain")
     for command in ("generate", "generator-report"):
         assert " | ".join(SAMPLERS) + "." in help_of(command)
+    from models.probe_readouts import LINEAR_READOUTS
+
+    assert f"one of {', '.join(LINEAR_READOUTS)} " in help_of("evaluate", "classification")
     bad = runner.invoke(app, ["datasets", "export", "d", "--out", str(tmp_path), "--format", "tiff"])
     assert bad.exit_code == 2 and "tiff" in bad.output
     bad = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "e"), "--data", str(tmp_path), "--method", "byol"])
