@@ -1536,15 +1536,23 @@ def _data_section(doc: dict[str, Any]) -> list[str]:
 
 def _merged_source_lines(doc: dict[str, Any]) -> list[str]:
     """For each merged document whose synthetic arms read another source than this run and have cells in the
-    table: which arms, and that source (so no row is credited to the wrong export)."""
+    table: which arms, and that source (so no row is credited to the wrong export). An arm that document had
+    merged in turn from yet another source is credited to that one (``merged_from`` nests)."""
+    present = {c["arm"] for c in doc["cells"].values()}
+    return _source_lines(doc.get("merged_from", []), present, doc["profile"]["synthetic_multiplier"])
+
+
+def _source_lines(entries: Sequence[dict[str, Any]], arms_wanted: set[str], multiplier: int) -> list[str]:
     lines: list[str] = []
-    for m in doc.get("merged_from", []):
-        arms = [a for a in m.get("synthetic_arms_from_another_source") or []
-                if any(c["arm"] == a for c in doc["cells"].values())]
-        if arms and (m.get("synthetic") or {}).get("source") not in (None, "none (no synthetic arm selected)"):
-            words = synthetic_words(m["synthetic"], doc["profile"]["synthetic_multiplier"])
-            lines += ["", f"Arm(s) {', '.join(f'`{a}`' for a in arms)} merged from `{m['file']}`, another "
+    for m in entries:
+        arms = [a for a in m.get("synthetic_arms_from_another_source") or [] if a in arms_wanted]
+        deeper = {a for n in m.get("merged_from") or [] for a in n.get("synthetic_arms_from_another_source") or []}
+        own = [a for a in arms if a not in deeper]
+        if own and (m.get("synthetic") or {}).get("source") not in (None, "none (no synthetic arm selected)"):
+            words = synthetic_words(m["synthetic"], multiplier)
+            lines += ["", f"Arm(s) {', '.join(f'`{a}`' for a in own)} merged from `{m['file']}`, another "
                           f"source: {words[0].lower()}{words[1:]}"]
+        lines += _source_lines(m.get("merged_from") or [], {a for a in arms if a in deeper}, multiplier)
     return lines
 
 

@@ -626,6 +626,17 @@ def test_merged_synthetic_arms_of_another_export_join_when_not_recomputed(run: d
     (line,) = [x for x in pt._merged_source_lines(doc) if x]
     assert line.startswith("Arm(s) `synthetic` merged from `earlier.json`, another source: synthetic: the first 4")
     assert "old-export" in line
+    # re-merged: the arm that document had merged from yet another export is credited to that one
+    older = {**earlier["synthetic"], "location": "/older/wds", "dataset": {"name": "older-export", "version": "v-1"}}
+    doc["cells"]["k2"] = {"arm": "synthetic-4x"}
+    doc["merged_from"] = [{"file": "mid.json", "synthetic": earlier["synthetic"],
+                           "synthetic_arms_from_another_source": ["synthetic", "synthetic-4x"],
+                           "merged_from": [{"file": "first.json", "synthetic": older,
+                                            "synthetic_arms_from_another_source": ["synthetic"]}]}]
+    lines = [x for x in pt._merged_source_lines(doc) if x]
+    assert [x.split(", another source")[0] for x in lines] == ["Arm(s) `synthetic-4x` merged from `mid.json`",
+                                                              "Arm(s) `synthetic` merged from `first.json`"]
+    assert "old-export" in lines[0] and "older-export" in lines[1]
 
 
 def test_a_merged_best_arm_is_not_exported_from_a_run_without_its_encoder(run: dict[str, Any],
