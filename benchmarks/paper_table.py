@@ -1632,7 +1632,8 @@ def _plot_panel(ax: Any, agg: dict[str, dict[str, Any]], backbone: str, arms: Se
         xs = np.array([f for f, _ in pts]) * (1 + 0.04 * (k - len(arms) / 2))  # dodge overlaps
         ys = np.array([m["value"] for _, m in pts])
         err = np.array([[m["value"] - m["low"] for _, m in pts], [m["high"] - m["value"] for _, m in pts]])
-        ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=arm)
+        # one colour per arm in every panel (the legend is drawn once, and a panel may lack an arm)
+        ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=arm, color=f"C{k % 10}")
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
     ax.set_xlabel("labelled share of the training split")

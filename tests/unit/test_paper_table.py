@@ -659,3 +659,25 @@ def test_provenance_of_documents_merged_in_turn_is_kept() -> None:
     lines = pt._provenance_lines(doc)
     assert lines == ["- provenance: C here", "- provenance of merged `b.json` (commit b1, arms x): B there",
                      "- provenance of merged `a.json` (commit a1, merged into `b.json`, arms y): A long ago"]
+
+
+def test_an_arm_keeps_its_colour_in_every_panel() -> None:
+    """The legend is drawn on the first panel only: a panel without an arm must not shift the others' colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = {"value": 0.9, "low": 0.8, "high": 0.95}
+    agg = {pt.group_key("resnet18", arm, "classification", mode, 1.0): {"metrics": {"auc": m}}
+           for arm, modes in (("raw-pixels", ("linear",)), ("real+synthetic", ("linear", "finetune")))
+           for mode in modes}
+    fig, (a, b) = plt.subplots(1, 2)
+    arms = ["raw-pixels", "real+synthetic"]
+    pt._plot_panel(a, agg, "resnet18", arms, "classification", "linear", [1.0])
+    pt._plot_panel(b, agg, "resnet18", arms, "classification", "finetune", [1.0])
+    colour = {c.get_label(): c.lines[0].get_color() for c in a.containers}
+    (only,) = b.containers
+    assert only.get_label() == "real+synthetic" and only.lines[0].get_color() == colour["real+synthetic"]
+    assert colour["real+synthetic"] != colour["raw-pixels"]
+    plt.close(fig)
