@@ -1730,6 +1730,9 @@ def export_shipped_encoder(doc: dict[str, Any], run_dir: Path, backbone: str, ex
         f"Command `{doc['command'].split(' --note ')[0]}`, commit `{doc['commit']}`, {machine_line(doc['machine'])}. "
         f"{CAVEAT}",
         *([f"Provenance: {doc['provenance_note']}"] if doc.get("provenance_note") else []),
+        *([f"Parts of this table were merged from earlier runs (`--merge`); the provenance of each is in the "
+           f"results this command wrote, `paper_table-{doc['profile']['name']}.md`."]
+          if doc.get("merged_from") else []),
     ])
     out = export_encoder(export_dir, load_encoder(encoder_dir(run_dir, backbone, best)),
                          model_name=cfg["architecture"], timm_kwargs=cfg["timm_kwargs"],
