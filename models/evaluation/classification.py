@@ -235,13 +235,11 @@ def evaluate_classification(
     carved = _carve(train_records, y_pool, cfg, label_fraction)
     split = carved.split
 
-    # Decode everything up front, at each input scale a readout needs (fails fast on a corrupt file);
-    # the test and shifted pixels are not looked at until the selected model scores them at the end.
-    res, aspect = enc.resolution, enc.aspect_mode
-    scales = _readout_scales(enc, cfg) if mode == "linear" else [1]
-    pixels = {s: _Pixels(*(images_to_array([r.path for r in rs], res * s, aspect, threads=2)  # type: ignore[arg-type]
-                           for rs in (split.train, split.val, test_records, carved.shifted)))
-              for s in scales}
+    # Decode everything up front (fails fast on a corrupt file); the test and shifted pixels are not
+    # looked at until the selected model scores them at the end.
+    res = enc.resolution
+    pixels = _decode(enc, _readout_scales(enc, cfg) if mode == "linear" else [1],
+                     (split.train, split.val, test_records, carved.shifted))
 
     run = _linear_probe if mode == "linear" else _finetune
     selection, val_logits, score = run(enc, pixels, carved.y_train, carved.y_val, cfg, dev, on_step)
@@ -258,15 +256,7 @@ def evaluate_classification(
         "test_data": str(test_data),
         "labels": {"negative": names[0], "positive": names[1]},
         "resolution": res,
-        "split": {
-            **split.summary(lambda r: r.label),
-            "val_patients": len({r.patient_id for r in split.val}),
-            "test": len(test_records),
-            "test_counts": {names[0]: int((y_test == 0).sum()), names[1]: int((y_test == 1).sum())},
-            "patient_level": True,
-            "val_fraction": cfg.val_fraction,
-            "shifted_holdout": _shifted_summary(carved, cfg, names),
-        },
+        "split": _split_section(carved, y_test, cfg, names),
         "model_selection": {"criterion": "validation AUC", **selection},
         **_scored_sections(logits, cfg),
         "bootstrap": {"method": "percentile, stratified by class", "n_resamples": cfg.n_resamples,
@@ -281,6 +271,20 @@ def evaluate_classification(
     if json_path is not None:
         write_report(report, json_path)
     return report
+
+
+def _split_section(carved: _Carved, y_test: np.ndarray, cfg: ClassificationConfig,
+                   names: tuple[str, str]) -> dict[str, Any]:
+    """The report's account of the split: sizes, patients, test class counts, the shifted group."""
+    return {
+        **carved.split.summary(lambda r: r.label),
+        "val_patients": len({r.patient_id for r in carved.split.val}),
+        "test": len(y_test),
+        "test_counts": {names[0]: int((y_test == 0).sum()), names[1]: int((y_test == 1).sum())},
+        "patient_level": True,
+        "val_fraction": cfg.val_fraction,
+        "shifted_holdout": _shifted_summary(carved, cfg, names),
+    }
 
 
 def _shifted_summary(carved: _Carved, cfg: ClassificationConfig, names: tuple[str, str]) -> dict[str, Any] | None:
@@ -344,6 +348,13 @@ class _Pixels(NamedTuple):
     val: np.ndarray
     test: np.ndarray
     shifted: np.ndarray
+
+
+def _decode(enc: EvalEncoder, scales: Sequence[int], parts: Sequence[Sequence[ImageRecord]]) -> dict[int, _Pixels]:
+    """The images of the four parts (train, validation, test, shifted) at each input scale a readout needs."""
+    return {s: _Pixels(*(images_to_array([r.path for r in rs], enc.resolution * s, enc.aspect_mode, threads=2)  # type: ignore[arg-type]
+                         for rs in parts))
+            for s in scales}
 
 
 def _readout_scales(enc: EvalEncoder, cfg: ClassificationConfig) -> list[int]:
