@@ -90,28 +90,15 @@ def parse_encoders(specs: Sequence[str], scratch: bool) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 def pixel_fit(train: Path, test: Path, fraction: float, seed: int, sides: Sequence[int],
               cfg: Any) -> dict[str, Any]:
-    """The pixel baseline on the evaluation's own validation carve: for each side, ``C`` chosen on
-    validation AUC; then the side with the best validation AUC. Test probabilities of the chosen fit."""
-    from benchmarks.paper_table import fit_pixel_probe, pixel_features
-    from models.data.folders import images_to_array, list_image_folder
-    from models.evaluation import binary_labels, validation_split
+    """The paper table's pixel baseline (:func:`benchmarks.paper_table.fit_pixels_on_carve`) at each side;
+    the side with the best validation AUC is kept (ties: the smaller). Test probabilities of that fit."""
+    from benchmarks.paper_table import fit_pixels_on_carve
 
-    train_records, test_records = list_image_folder(train), list_image_folder(test)
-    y_pool, names = binary_labels(train_records, cfg.positive_label, f"training folder {train}")
-    y_test, _ = binary_labels(test_records, names[1], f"test folder {test}")
-    split = validation_split(train_records, val_fraction=cfg.val_fraction, label_fraction=fraction, seed=seed)
-    row = {r.path: i for i, r in enumerate(train_records)}
-    y_train, y_val = (y_pool[[row[r.path] for r in part]] for part in (split.train, split.val))
-    best: tuple[float, int, Any, dict[str, Any]] | None = None
-    for side in sides:
-        x_train, x_val, x_test = (pixel_features(images_to_array([r.path for r in rs], side, "pad", threads=2))
-                                  for rs in (split.train, split.val, test_records))
-        model, selection = fit_pixel_probe(x_train, y_train, x_val, y_val, cfg.linear_c_grid)
-        if best is None or selection["validation_auc"] > best[0]:  # ties keep the smaller side
-            best = (selection["validation_auc"], side, model.predict_proba(x_test)[:, 1], selection)
-    assert best is not None
-    return {"files": [r.path.name for r in test_records], "label": y_test.tolist(), "probability": best[2].tolist(),
-            "chosen": {**best[3]["chosen"], "side": best[1]}, "validation_auc": best[0]}
+    fits = {side: fit_pixels_on_carve(train, test, fraction, seed, cfg, side) for side in sorted(sides)}
+    side = max(fits, key=lambda k: (fits[k].selection["validation_auc"], -k))
+    fit = fits[side]
+    return {"files": fit.test_files, "label": fit.y_test.tolist(), "probability": fit.p_test.tolist(),
+            "chosen": {**fit.selection["chosen"], "side": side}, "validation_auc": fit.selection["validation_auc"]}
 
 
 def encoder_fit(encoder: str, train: Path, test: Path, fraction: float, seed: int, readouts: Sequence[str],

@@ -1028,7 +1028,7 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 
 def fit_pixel_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                    c_grid: Iterable[float]) -> tuple[Any, dict[str, Any]]:
+                    c_grid: Iterable[float], side: int = RAW_PIXELS) -> tuple[Any, dict[str, Any]]:
     """Standardised features and an L2, class-balanced logistic regression (scikit-learn) for each C of
     ``c_grid``; keeps the C with the best validation AUC (ties: the smaller C, stronger regularisation).
 
@@ -1052,43 +1052,59 @@ def fit_pixel_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
     if best is None:
         raise ValueError("c_grid is empty")
     return best[2], {"chosen": {"C": best[1]}, "validation_auc": best[0], "candidates": candidates,
-                     "head": f"logistic regression (L2, class-balanced) on standardised {RAW_PIXELS}x{RAW_PIXELS} "
-                             "pixels"}
+                     "head": f"logistic regression (L2, class-balanced) on standardised {side}x{side} pixels"}
+
+
+class PixelFit(NamedTuple):
+    """The raw-pixel probe fitted on one evaluation's carve: its selection, validation and test scores."""
+
+    selection: dict[str, Any]
+    p_val: np.ndarray
+    y_val: np.ndarray
+    p_test: np.ndarray
+    y_test: np.ndarray
+    test_files: list[str]
+    train_images: int
+
+
+def fit_pixels_on_carve(train: Path, test: Path, fraction: float, seed: int, cfg: Any,
+                        side: int = RAW_PIXELS) -> PixelFit:
+    """The frozen-feature probes' training subset and validation split (the same
+    ``models.evaluation.validation_split`` call and seed) of ImageFolder ``train``, pixels at ``side`` x
+    ``side``, ``C`` chosen on validation AUC; ``test`` scored once."""
+    from models.data.folders import images_to_array, list_image_folder
+    from models.evaluation import binary_labels, validation_split
+
+    train_records, test_records = list_image_folder(train), list_image_folder(test)
+    y_pool, names = binary_labels(train_records, cfg.positive_label, f"training folder {train}")
+    y_test, _ = binary_labels(test_records, names[1], f"test folder {test}")
+    split = validation_split(train_records, val_fraction=cfg.val_fraction, label_fraction=fraction, seed=seed)
+    row = {r.path: i for i, r in enumerate(train_records)}
+    y_train, y_val = (y_pool[[row[r.path] for r in part]] for part in (split.train, split.val))
+    x_train, x_val, x_test = (pixel_features(images_to_array([r.path for r in rs], side, "pad", threads=2))
+                              for rs in (split.train, split.val, test_records))
+    model, selection = fit_pixel_probe(x_train, y_train, x_val, y_val, cfg.linear_c_grid, side)
+    p_val, p_test = (model.predict_proba(x)[:, 1] for x in (x_val, x_test))
+    return PixelFit(selection, p_val, y_val, p_test, y_test, [r.path.name for r in test_records], len(split.train))
 
 
 def raw_pixel_cell(profile: Profile, cell: Cell, run_dir: Path, report_path: Path) -> dict[str, Any]:
-    """The raw-pixel baseline's cell: the frozen-feature probes' training subset, validation split (the same
-    ``models.evaluation.validation_split`` call and seed), threshold rule and test metrics, on 32x32 pixels."""
-    from models.data.folders import images_to_array, list_image_folder
-    from models.evaluation import (
-        ClassificationConfig,
-        binary_labels,
-        choose_threshold,
-        classification_metrics_with_ci,
-        validation_split,
-    )
+    """The raw-pixel baseline's cell (:func:`fit_pixels_on_carve` at 32x32): the threshold rule and test
+    metrics of the frozen-feature probes."""
+    from models.evaluation import ClassificationConfig, choose_threshold, classification_metrics_with_ci
 
     t0 = time.perf_counter()
     cfg = ClassificationConfig(seed=cell.seed, **profile.cls_config)
     data = run_dir / "data"
-    train_records, test_records = list_image_folder(data / "cls_train"), list_image_folder(data / "cls_test")
-    y_pool, names = binary_labels(train_records, cfg.positive_label, "the cls_train folder")
-    y_test, _ = binary_labels(test_records, names[1], "the cls_test folder")
-    split = validation_split(train_records, val_fraction=cfg.val_fraction, label_fraction=cell.fraction,
-                             seed=cell.seed)
-    row = {r.path: i for i, r in enumerate(train_records)}
-    y_train, y_val = (y_pool[[row[r.path] for r in part]] for part in (split.train, split.val))
-    x_train, x_val, x_test = (pixel_features(images_to_array([r.path for r in rs], RAW_PIXELS, "pad", threads=2))
-                              for rs in (split.train, split.val, test_records))
-    model, selection = fit_pixel_probe(x_train, y_train, x_val, y_val, cfg.linear_c_grid)
-    p_val, p_test = (model.predict_proba(x)[:, 1] for x in (x_val, x_test))
-    threshold = choose_threshold(p_val, y_val, cfg.threshold_rule)
-    metrics = classification_metrics_with_ci(p_test, y_test, threshold, n_resamples=cfg.n_resamples,
+    fit = fit_pixels_on_carve(data / "cls_train", data / "cls_test", cell.fraction, cell.seed, cfg)
+    selection = fit.selection
+    threshold = choose_threshold(fit.p_val, fit.y_val, cfg.threshold_rule)
+    metrics = classification_metrics_with_ci(fit.p_test, fit.y_test, threshold, n_resamples=cfg.n_resamples,
                                              confidence=cfg.confidence, seed=cell.seed)
     summary = {
         **_cell_fields(cell),
         "metrics": {k: {"value": v.value, "low": v.low, "high": v.high} for k, v in metrics.items()},
-        "train_images": len(split.train), "val_images": len(split.val), "test_images": len(test_records),
+        "train_images": fit.train_images, "val_images": len(fit.y_val), "test_images": len(fit.y_test),
         "selected": selection["chosen"], "wall_seconds": round(time.perf_counter() - t0, 2),
         "report": report_path.name,
     }

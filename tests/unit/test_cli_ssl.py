@@ -195,7 +195,7 @@ SEG = ["evaluate", "segmentation", "--encoder", "scratch", "--epochs", "1"]
     ([*CLS, "--train-data", "{train}", "--test-data", "{train}"], "separate test folder"),
     ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--label-fraction", "0"], "--label-fraction"),
     ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--readout", "grid9"],
-     "unknown --readout grid9: choose from avg, grid2, avg@2x, grid2@2x"),
+     "unknown linear-probe readout 'grid9': choose from avg, grid2, avg@2x, grid2@2x"),
     ([*CLS, "--train-data", "{train}", "--test-data", "{test}", "--mode", "finetune", "--readout", "grid2"],
      "--readout applies to --mode linear only"),
     (["evaluate", "classification", "--encoder", "/no/such/encoder", "--train-data", "{train}", "--test-data",

@@ -37,11 +37,13 @@ def test_paired_difference_is_zero_for_the_same_scores_and_positive_for_better_o
         fp.paired_auc(_fit(noisy, y, [f"x{i}.png" for i in range(len(y))]), base, seed=0)
 
 
-def test_combined_seeds_keep_the_sign_bounds() -> None:
+def test_combined_differences_may_be_negative() -> None:
+    """Seeds combine as in the paper table, but a difference is bounded by [-1, 1], not [0, 1]: a losing
+    encoder's negative difference must not be clipped to 0."""
     seeds = [{"auc": {"value": 0.9, "low": 0.85, "high": 0.95},
-              "delta_auc": {"value": d, "low": d - 0.02, "high": d + 0.02}} for d in (0.01, 0.03, 0.02)]
+              "delta_auc": {"value": d, "low": d - 0.02, "high": d + 0.02}} for d in (-0.01, -0.03, -0.02)]
     out = fp.combine(seeds)
-    assert out["delta_auc"]["value"] == pytest.approx(0.02) and out["delta_auc"]["low"] < 0.02
+    assert out["delta_auc"]["value"] == pytest.approx(-0.02) and out["delta_auc"]["low"] < -0.03
     assert out["auc"]["n_seeds"] == 3
 
 
